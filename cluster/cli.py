@@ -1,0 +1,126 @@
+"""m1serve command line: make-tiny | generate | bench-engine (| serve, k8s as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def default_model_dir() -> Path:
+    """The embedded demo checkpoint: made by make-tiny on first use in a cache folder."""
+    from model_shards.tiny import make_tiny
+
+    root = Path(os.environ.get("M1SERVE_CACHE", Path.home() / ".cache" / "m1serve"))
+    path = root / "tiny-v1"
+    if not (path / "config.json").exists():
+        tmp = root / f"tiny-v1.tmp{os.getpid()}"
+        make_tiny(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process made it first
+            pass
+    return path
+
+
+def _engine_config(args, **overrides):
+    from cluster.engine.engine import EngineConfig
+
+    fields = dict(model=str(args.model or default_model_dir()), expert_shards=args.expert_shards,
+                  device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    fields.update(overrides)
+    return EngineConfig(**fields)
+
+
+def cmd_make_tiny(args) -> int:
+    from model_shards.tiny import make_tiny, tiny_config
+
+    cfg = tiny_config(num_layers=args.layers, num_experts=args.experts, hidden_size=args.hidden_size,
+                      vocab_size=args.vocab_size)
+    make_tiny(args.out, cfg, seed=args.seed)
+    print(json.dumps({"path": str(args.out), "layers": cfg.num_hidden_layers, "experts": cfg.num_local_experts}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cluster.engine.engine import Engine
+    from cluster.engine.sampling import SamplingParams
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        print("error: give exactly one of --prompt and --prompt-ids", file=sys.stderr)
+        return 2
+    prompt = args.prompt if args.prompt is not None else [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature or 0.0,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    with Engine(_engine_config(args)) as engine:
+        out = engine.generate(prompt, params)
+    if out.finish_reason == "error":
+        print(f"error: {out.error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
+                      "finish_reason": out.finish_reason}, ensure_ascii=False))
+    return 0
+
+
+def cmd_bench_engine(args) -> int:
+    from cluster.bench_engine import run_bench
+
+    result = run_bench(_engine_config(args, profile=True, max_num_seqs=max(args.concurrency)), args.concurrency,
+                       args.prompt_len, args.max_tokens)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m1serve", description="Expert-parallel serving for MiniMax-M1 models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a small random checkpoint in the published layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    def engine_args(p):
+        p.add_argument("--model", help="checkpoint folder (default: the embedded tiny demo checkpoint)")
+        p.add_argument("--expert-shards", type=int, default=0, help="expert-shard processes (0: experts in-process)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the router's device)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+        p.add_argument("--max-model-len", type=int, default=4096)
+
+    p = sub.add_parser("generate", help="run one request and print JSON")
+    engine_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-ids", help="comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=None, help="default: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-engine", help="decode throughput and per-step time breakdown")
+    engine_args(p)
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_bench_engine)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:  # configuration and input errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

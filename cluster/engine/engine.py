@@ -1,0 +1,406 @@
+"""The engine: requests in, tokens out. A background thread runs steps; each step schedules a continuous batch,
+runs the router model (experts local or over the shard group), samples, detokenizes and streams results.
+
+Thread model: submit()/abort() may be called from any thread; they only validate and enqueue. Everything else,
+including the collectives, happens on the engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.batch import ForwardBatch, ModelCache
+from model_shards.config import ModelConfig
+from model_shards.loading import default_dtype, load_expert_part, load_router_part
+from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+
+from ..dispatch import DispatchError
+from ..shard_group import LocalExperts, ProcessShardGroup
+from .cache_manager import CacheManager
+from .sampling import InvalidRequest, SamplingParams, sample
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import RequestOutput, Sequence, Sink, Status
+
+log = logging.getLogger("m1serve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting (HTTP 429 / gRPC RESOURCE_EXHAUSTED)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests now (its shard group is down or it is shutting down): HTTP 503."""
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    expert_shards: int = 0  # 0: experts in the router process
+    device: str = "cpu"
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
+    max_num_seqs: int = 16  # running sequences (= lightning state slots)
+    max_num_batched_tokens: int = 256  # tokens per step: bounds a prefill chunk
+    max_model_len: int = 4096  # prompt + generated tokens
+    max_queue_len: int = 256
+    kv_block_size: int = 16
+    cache_memory_gb: float | None = None  # state slots + KV blocks; default: 0.5 GB on CPU, 85% of free GPU memory
+    collective_timeout_s: float = 30.0
+    padded_dispatch_max_rows: int = 512
+    profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
+
+
+class RequestStream:
+    """What submit() returns: iterate it for RequestOutputs (the last one has finished=True)."""
+
+    def __init__(self, engine: "Engine", request_id: str):
+        self.engine, self.request_id = engine, request_id
+        self.queue: queue.Queue[RequestOutput] = queue.Queue()
+
+    def __iter__(self):
+        while True:
+            out = self.queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> RequestOutput:
+        """Waits for the end and merges every output into one."""
+        token_ids, text, logprobs, first = [], [], [], None
+        for out in self:
+            first = first or out
+            token_ids += out.token_ids
+            text.append(out.text)
+            logprobs += out.logprobs
+        return RequestOutput(self.request_id, token_ids, "".join(text), True, out.finish_reason, out.error, logprobs,
+                             first.prompt_token_ids, out.num_prompt_tokens, out.num_output_tokens)
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_id)
+
+
+class StepProfile:
+    """Wall time per part of the step, summed (seconds)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.tokens = 0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[name] += time.perf_counter() - t0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, start: bool = True):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
+        self.model_config = cfg = ModelConfig.from_file(config.model)
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer.from_dir(config.model)
+        except TokenizerError as e:
+            log.warning("no tokenizer (%s): prompts must be token ids", e)
+            self.tokenizer = None
+        self.model = load_router_part(config.model, self.dtype, self.device)
+        if config.expert_shards:
+            self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
+                                             config.collective_timeout_s, config.padded_dispatch_max_rows,
+                                             sync_timing=config.profile)
+        else:
+            self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device))
+        num_slots, num_blocks = self._cache_sizes(cfg)
+        self.cache = ModelCache(cfg, num_slots, num_blocks, config.kv_block_size, self.dtype, self.device)
+        self.cache_manager = CacheManager(num_slots, num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.profile = StepProfile(self.device, config.profile)
+        self.stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
+        self._inbox: queue.Queue = queue.Queue()
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self.error: str | None = None  # why the shard group is down, while it is
+        self.counters = defaultdict(int)
+        self._thread = threading.Thread(target=self._loop, name="m1serve-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    # ---- sizing ----------------------------------------------------------------------------------------
+    def _cache_sizes(self, cfg: ModelConfig) -> tuple[int, int]:
+        c = self.config
+        if c.cache_memory_gb is not None:
+            budget = int(c.cache_memory_gb * 2**30)
+        elif self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.85)
+        else:
+            budget = 2**29
+        slot_bytes = ModelCache.bytes_per_slot(cfg) * c.max_num_seqs
+        block_bytes = ModelCache.bytes_per_kv_block(cfg, c.kv_block_size, self.dtype)
+        if slot_bytes + block_bytes > budget:
+            raise ValueError(f"cache_memory_gb: {budget / 2**30:.3f} GB cannot hold {c.max_num_seqs} lightning state "
+                             f"slots ({slot_bytes / 2**30:.3f} GB); lower max_num_seqs or raise the budget")
+        wanted = c.max_num_seqs * -(-c.max_model_len // c.kv_block_size)
+        blocks = min(wanted, (budget - slot_bytes) // block_bytes) if block_bytes else wanted
+        return c.max_num_seqs, max(int(blocks), 1)
+
+    # ---- public API (any thread) -----------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+               sink: Sink | None = None) -> RequestStream:
+        params = (params or SamplingParams()).validate()
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_length(len(prompt_ids), params)
+        if self._stopping:
+            raise EngineUnavailable("the engine is shutting down")
+        if self.error is not None:
+            raise EngineUnavailable(f"expert shards are unavailable: {self.error}")
+        queued = len(self.scheduler.waiting) + self._inbox.qsize()
+        if queued >= self.config.max_queue_len:
+            raise QueueFull(f"{queued} requests are queued (max_queue_len={self.config.max_queue_len})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(self, request_id)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_ids, params, sink or stream.queue.put, stop_ids, detok, generator=gen)
+        self._inbox.put(("add", seq))
+        return stream
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
+        return self.submit(prompt, params).result()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        cm = self.cache_manager
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "slots_used": cm.slots.num_used, "slots_total": cm.slots.total,
+                "kv_blocks_used": cm.blocks.num_used, "kv_blocks_total": cm.blocks.total,
+                "healthy": self.healthy, **self.counters}
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        self.experts.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("prompt: this model has no tokenizer; send token ids", "prompt")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                     f"(0..{self.model_config.vocab_size - 1})", "prompt")
+        else:
+            raise InvalidRequest("prompt: must be a string or a list of token ids", "prompt")
+        if not ids:
+            raise InvalidRequest("prompt: must not be empty", "prompt")
+        return ids
+
+    def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
+        limit = self.config.max_model_len
+        if num_prompt + params.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens: this model's maximum context length is {limit} tokens, but the prompt "
+                                 f"has {num_prompt} tokens and max_tokens is {params.max_tokens}",
+                                 "max_tokens" if num_prompt < limit else "prompt")
+        if not self.cache_manager.can_ever_fit(num_prompt + params.max_tokens):
+            raise InvalidRequest(f"prompt: {num_prompt + params.max_tokens} tokens can never fit the KV cache "
+                                 f"({self.cache_manager.blocks.total * self.config.kv_block_size} tokens)", "prompt")
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                block = not self.scheduler.has_work()
+                cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                if cmd[0] == "stop":
+                    self._fail_all("the engine shut down", "abort")
+                    return
+                self._apply(cmd)
+                continue  # drain the inbox before the next step
+            if self.error is not None:
+                self._recover()
+            elif self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as e:  # never leave requests hanging on an unexpected bug
+                    log.exception("engine step failed")
+                    self._fail_running(f"internal error: {type(e).__name__}: {e}")
+
+    def _apply(self, cmd) -> None:
+        kind, arg = cmd
+        if kind == "add":
+            if self.error is not None:
+                self._finish(arg, "error", f"expert shards are unavailable: {self.error}")
+            else:
+                self._seqs[arg.request_id] = arg
+                self.scheduler.add(arg)
+        elif kind == "abort":
+            seq = self._seqs.get(arg)
+            if seq is not None:
+                self._finish(seq, "abort")
+
+    def step(self) -> None:
+        plan, admitted = self.scheduler.schedule()
+        if not plan:
+            return
+        for seq in admitted:
+            self.cache.reset_slot(seq.slot)
+        batch = ForwardBatch.build([c.chunk for c in plan], self.config.kv_block_size, self.device)
+        sampling = [c for c in plan if c.samples]
+        batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
+        try:
+            self.experts.begin_step(int(batch.input_ids.shape[0]))
+            with torch.inference_mode():
+                logits = self.model(batch, self.cache, self.experts.moe, timer=self.profile)
+        except DispatchError as e:
+            log.error("expert-shard group failed: %s", e)
+            self.error = str(e)
+            self._fail_running(f"expert shard failure: {e}")
+            return
+        for c in plan:
+            c.seq.num_cached += len(c.chunk.token_ids)
+        self.profile.steps += 1
+        self.profile.tokens += int(batch.input_ids.shape[0])
+        if sampling:
+            with self.profile("sampling"):
+                self._sample(sampling, logits)
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
+        seqs = [c.seq for c in chunks]
+        banned = [sorted(s.stop_ids) if len(s.output_ids) < s.params.min_tokens else [] for s in seqs]
+        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], banned)
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            self._append(seq, token, lp)
+
+    def _append(self, seq: Sequence, token: int, lp) -> None:
+        now = time.monotonic()
+        seq.output_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.counters["prompt_tokens"] += len(seq.prompt_ids)
+        reason = None
+        if token in seq.stop_ids:
+            reason = "stop"
+        elif seq.detokenizer is not None:
+            seq.text += seq.detokenizer.add(token)
+            if seq.params.stop:
+                reason = self._cut_at_stop_string(seq)
+        if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
+                               or seq.num_tokens >= self.config.max_model_len):
+            reason = "length"
+        if reason is not None and reason != "stop" and seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
+        self._emit(seq, [token], [lp] if lp is not None else [], reason)
+        if reason is not None:
+            self.scheduler.finish(seq)
+            self._retire(seq)
+
+    @staticmethod
+    def _cut_at_stop_string(seq: Sequence) -> str | None:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, seq.text_sent - longest)
+        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[: min(hits)]
+            return "stop"
+        return None
+
+    def _emit(self, seq: Sequence, token_ids: list[int], logprobs, reason: str | None, error: str | None = None):
+        finished = reason is not None
+        end = len(seq.text)
+        if not finished and seq.params.stop:  # hold back what could still become a stop string
+            end = max(seq.text_sent, end - (max(len(s) for s in seq.params.stop) - 1))
+        out = RequestOutput(seq.request_id, token_ids, seq.text[seq.text_sent:end], finished, reason, error, logprobs,
+                            None if seq.sent_prompt else seq.prompt_ids, len(seq.prompt_ids), len(seq.output_ids))
+        seq.text_sent, seq.sent_prompt = end, True
+        if finished:
+            self.counters[f"requests_{reason}"] += 1
+        try:
+            seq.sink(out)
+        except Exception:  # a client that went away must not take the engine down
+            log.exception("output sink failed for %s", seq.request_id)
+            if not finished:
+                self.abort(seq.request_id)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.status == Status.FINISHED:
+            return
+        self.scheduler.finish(seq)
+        self._emit(seq, [], [], reason, error)
+        self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self.scheduler.running):
+            self._finish(seq, "error", message)
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, reason, message if reason == "error" else None)
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._finish(arg, reason, message if reason == "error" else None)
+
+    def _recover(self) -> None:
+        """Re-forms the shard group; waiting requests stay queued and run once it is back."""
+        try:
+            self.experts.restart()
+        except Exception as e:
+            log.error("re-forming the expert-shard group failed: %s", e)
+            self._fail_all(f"expert shards are unavailable: {e}")
+            time.sleep(1.0)
+            return
+        log.info("expert-shard group re-formed")
+        self.error = None
+        self.counters["group_restarts"] += 1

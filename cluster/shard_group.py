@@ -1,0 +1,173 @@
+"""Where the router's experts live: in its own process, or in N expert-shard processes joined over
+torch.distributed. Both expose the same three calls the engine uses: begin_step, moe, close (+ restart)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from model_shards.config import ModelConfig
+from model_shards.expert_part import ExpertPart, expert_range
+from model_shards.loading import load_expert_part
+
+from .dispatch import DispatchError, RouterDispatcher, ShardWorker
+
+
+class LocalExperts:
+    """All experts in the router process (the single-process model)."""
+
+    def __init__(self, experts: ExpertPart):
+        self.experts = experts
+        self.moe = experts.forward
+        self.healthy = True
+        self.dispatcher = None
+
+    def begin_step(self, num_tokens: int) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def shard_device(router_device: torch.device, shard: int) -> torch.device:
+    """Shard i on the GPU after the router's (round robin over the visible GPUs); CPU stays CPU."""
+    if router_device.type != "cuda":
+        return router_device
+    return torch.device("cuda", (router_device.index or 0) + 1 + shard) if torch.cuda.device_count() > 1 + shard \
+        else torch.device("cuda", (1 + shard) % torch.cuda.device_count())
+
+
+def run_shard(model_path: str, shard: int, num_shards: int, init_method: str, device: str, dtype: torch.dtype,
+              timeout_s: float) -> None:
+    """Body of one expert shard: load its experts, join the group (a barrier), follow the router until shutdown."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # N shards + the router share the cores
+    else:
+        torch.cuda.set_device(device)
+    cfg = ModelConfig.from_file(model_path)
+    first, last = expert_range(cfg.num_local_experts, num_shards, shard)
+    experts = load_expert_part(model_path, first, last, dtype, device)
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=shard + 1, world_size=num_shards + 1,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        with torch.inference_mode():
+            ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok, dtype,
+                        device).serve()
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _shard_process_main(*args) -> None:
+    try:
+        run_shard(*args)
+    except DispatchError:
+        os._exit(3)  # the group broke; the router sees it too and decides what happens next
+
+
+class ProcessShardGroup:
+    """N expert shards as child processes of the router (plain processes, no Ray)."""
+
+    def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
+                 padded_max_rows: int = 512, sync_timing: bool = False):
+        self.cfg = ModelConfig.from_file(model_path)
+        expert_range(self.cfg.num_local_experts, num_shards, 0)  # validates the split
+        self.model_path, self.num_shards = str(model_path), num_shards
+        self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
+        self.padded_max_rows, self.sync_timing = padded_max_rows, sync_timing
+        self.procs: list[mp.Process] = []
+        self.dispatcher: RouterDispatcher | None = None
+        self.healthy = False
+        self.start()
+
+    def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.dispatcher(layer, h, ids, weights)
+        except DispatchError:
+            self.healthy = False
+            raise
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.procs = []
+        for shard in range(self.num_shards):
+            p = ctx.Process(target=_shard_process_main, daemon=True, name=f"m1serve-shard-{shard}",
+                            args=(self.model_path, shard, self.num_shards, init_method,
+                                  str(shard_device(self.device, shard)), self.dtype, self.timeout_s))
+            p.start()
+            self.procs.append(p)
+        try:
+            dist.init_process_group(backend_for(self.device), init_method=init_method, rank=0,
+                                    world_size=self.num_shards + 1, timeout=timedelta(seconds=self.timeout_s))
+        except Exception as e:
+            self._kill()
+            raise DispatchError(f"expert shards did not join within {self.timeout_s}s: {e}") from e
+        self.dispatcher = RouterDispatcher(self.num_shards, self.cfg.num_local_experts, self.cfg.hidden_size,
+                                           self.cfg.num_experts_per_tok, self.device, self.padded_max_rows,
+                                           self.sync_timing)
+        self.healthy = True
+
+    def begin_step(self, num_tokens: int) -> None:
+        if not self.healthy:
+            raise DispatchError("expert-shard group is down")
+        dead = [p.name for p in self.procs if not p.is_alive()]
+        if dead:
+            self.healthy = False
+            raise DispatchError(f"expert shard process exited: {', '.join(dead)}")
+        try:
+            self.dispatcher.begin_step(num_tokens)
+        except DispatchError:
+            self.healthy = False
+            raise
+
+    def restart(self) -> None:
+        """Tears the broken group down and forms a new one with fresh shard processes."""
+        self.close(graceful=False)
+        self.start()
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful and self.healthy and all(p.is_alive() for p in self.procs):
+            try:
+                self.dispatcher.shutdown()
+            except DispatchError:
+                pass
+            for p in self.procs:
+                p.join(timeout=10)
+        self._kill()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        self.healthy = False
+
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))

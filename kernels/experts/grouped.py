@@ -1,0 +1,205 @@
+"""Triton grouped-GEMM SwiGLU experts (same contract as reference.grouped_swiglu), bf16 or int8 weight-only.
+
+Two launches over the rows of x, which come sorted by expert:
+  1. gate/up: h = silu(x w1^T) * (x w3^T) with w1, w3 the two halves of w13 [E, 2F, H]: each program computes one
+     [BM, BN] tile of both products (two accumulators) and writes only h (bf16), so silu*mul costs no extra pass;
+  2. down:    y = (h w2^T) * weights, w2 [E, H, F].
+The row tiles never straddle two experts: the host (which already holds group_sizes as a list) builds the tile ->
+(expert, first row, end row) table, so nothing is read back from the GPU. Programs are ordered in groups of GROUP_M
+row tiles so that a weight tile is reused from L2 by the row tiles that need it.
+int8 weights: w13/w2 hold int8 values and per-output-channel scales (w13_scale [E, 2F], w2_scale [E, H]); the
+int8 tile is widened to bf16 (exact) before the dot and the scale is applied to the fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def dot_dtype(dtype):
+    """Operand dtype for tl.dot: the input dtype, or fp32 under the interpreter (its bf16 dot is integer math)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+@triton.jit
+def _tile_coords(num_m_tiles, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
+                    stride_xm, stride_we, stride_wn, stride_hm,
+                    INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(num_m_tiles, F, BN, GROUP_M)
+    e = tl.load(tiles + pid_m).to(tl.int64)
+    row0 = tl.load(tiles + num_m_tiles + pid_m)
+    row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    rm = row0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < row1
+    n_ok = rn < F
+    x_ptrs = x + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    g_ptrs = w13 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of w1^T
+    u_ptrs = g_ptrs + F * stride_wn
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0)
+        else:
+            k_ok = rk < K - k0
+            a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
+        a = a.to(DT)
+        acc_g = tl.dot(a, bg.to(DT), acc_g)
+        acc_u = tl.dot(a, bu.to(DT), acc_u)
+        x_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    if INT8:
+        sc = scale13 + e * 2 * F + rn
+        acc_g *= tl.load(sc, mask=n_ok, other=0.0)[None, :]
+        acc_u *= tl.load(sc + F, mask=n_ok, other=0.0)[None, :]
+    out = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + rn[None, :]
+    tl.store(h_ptrs, out.to(h.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
+                 stride_hm, stride_we, stride_wn, stride_ym,
+                 INT8: tl.constexpr, HAS_WEIGHTS: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(num_m_tiles, N, BN, GROUP_M)
+    e = tl.load(tiles + pid_m).to(tl.int64)
+    row0 = tl.load(tiles + num_m_tiles + pid_m)
+    row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    rm = row0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < row1
+    n_ok = rn < N
+    a_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + rk[None, :]
+    b_ptrs = w2 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of w2^T
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
+        else:
+            k_ok = rk < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
+        acc = tl.dot(a.to(DT), b.to(DT), acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if INT8:
+        acc *= tl.load(scale2 + e * N + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_WEIGHTS:
+        acc *= tl.load(weights + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def default_config(rows_per_expert: float) -> dict:
+    """Tile shapes by the average number of rows an expert gets: few rows = weight streaming, many = GEMM-bound."""
+    if rows_per_expert <= 16:
+        return dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _tile_table(group_sizes: list[int], BM: int, device) -> tuple[torch.Tensor, int]:
+    experts, starts, ends = [], [], []
+    row = 0
+    for e, n in enumerate(group_sizes):
+        for r in range(row, row + n, BM):
+            experts.append(e)
+            starts.append(r)
+            ends.append(row + n)
+        row += n
+    table = torch.tensor([experts, starts, ends], dtype=torch.int32).to(device, non_blocking=True)
+    return table, len(experts)
+
+
+def _fit(cfg: dict, K: int) -> dict:
+    cfg = dict(cfg)
+    cfg["BK"] = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
+    return cfg
+
+
+def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None,
+                          config: dict | None = None, down_config: dict | None = None, out=None):
+    """x [N, H] (bf16/fp16) sorted by expert; w13 [E, 2F, H], w2 [E, H, F] in x's dtype, or int8 with
+    w13_scale [E, 2F] / w2_scale [E, H] (per output channel). Returns [N, H] in x's dtype."""
+    N, Hd = x.shape
+    E, F2, _ = w13.shape
+    F = F2 // 2
+    y = torch.empty_like(x) if out is None else out
+    if N == 0:
+        return y
+    assert sum(group_sizes) == N and len(group_sizes) <= E
+    int8 = w13.dtype == torch.int8
+    assert int8 == (w13_scale is not None) and (w2.dtype == torch.int8) == (w2_scale is not None)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    assert w13.stride(-1) == 1 and w2.stride(-1) == 1
+    if weights is not None:
+        weights = weights.contiguous()
+    if int8:
+        w13_scale = w13_scale.float().contiguous()
+        w2_scale = w2_scale.float().contiguous()
+    DT = dot_dtype(x.dtype)
+    rows = N / max(1, sum(1 for n in group_sizes if n))
+    cfg1 = _fit(config or default_config(rows), Hd)
+    cfg2 = _fit(down_config or config or default_config(rows), F)
+
+    h = torch.empty(N, F, device=x.device, dtype=x.dtype)
+    tiles, n_tiles = _tile_table(group_sizes, cfg1["BM"], x.device)
+    grid = (n_tiles * triton.cdiv(F, cfg1["BN"]),)
+    _gate_up_kernel[grid](
+        x, w13, w13_scale if int8 else x, h, tiles, n_tiles, F, Hd,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        INT8=int8, DT=DT, EVEN_K=Hd % cfg1["BK"] == 0,
+        BM=cfg1["BM"], BN=cfg1["BN"], BK=cfg1["BK"], GROUP_M=cfg1["GROUP_M"],
+        num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"])
+
+    if cfg2["BM"] != cfg1["BM"]:
+        tiles, n_tiles = _tile_table(group_sizes, cfg2["BM"], x.device)
+    grid = (n_tiles * triton.cdiv(Hd, cfg2["BN"]),)
+    _down_kernel[grid](
+        h, w2, w2_scale if int8 else h, weights if weights is not None else h, y, tiles, n_tiles, Hd, F,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        INT8=int8, HAS_WEIGHTS=weights is not None, DT=DT, EVEN_K=F % cfg2["BK"] == 0,
+        BM=cfg2["BM"], BN=cfg2["BN"], BK=cfg2["BK"], GROUP_M=cfg2["GROUP_M"],
+        num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"])
+    return y
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of w [..., out, in]: returns (int8 weights, fp32 scales [..., out])."""
+    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)

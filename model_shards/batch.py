@@ -1,0 +1,90 @@
+"""What one forward step computes: packed tokens of several sequences, and where their caches live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass
+class SeqChunk:
+    """The tokens of one sequence in this step: token_ids at positions start .. start+len-1."""
+
+    token_ids: list[int]
+    start: int  # tokens of this sequence already in its caches
+    slot: int  # its lightning state slot
+    block_table: list[int]  # its KV cache blocks (covering start + len tokens)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] packed
+    positions: torch.Tensor  # [T]
+    seq_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens per sequence once this step is done
+    slot_ids: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, max_blocks]
+    slot_mapping: torch.Tensor  # [T] flat KV cache row of each new token
+    last_token_rows: torch.Tensor  # [B] row of each sequence's last token in the packed batch
+
+    @classmethod
+    def build(cls, chunks: list[SeqChunk], kv_block_size: int, device) -> "ForwardBatch":
+        ids, positions, slot_mapping, last_rows = [], [], [], []
+        for c in chunks:
+            n = len(c.token_ids)
+            if n == 0:
+                raise ValueError("a sequence chunk needs at least one token")
+            pos = range(c.start, c.start + n)
+            if len(c.block_table) * kv_block_size < c.start + n:
+                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {c.start + n} tokens")
+            ids.extend(c.token_ids)
+            positions.extend(pos)
+            slot_mapping.extend(c.block_table[p // kv_block_size] * kv_block_size + p % kv_block_size for p in pos)
+            last_rows.append(len(ids) - 1)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        return cls(input_ids=t(ids), positions=t(positions), seq_lens=[len(c.token_ids) for c in chunks],
+                   context_lens=[c.start + len(c.token_ids) for c in chunks], slot_ids=t([c.slot for c in chunks]),
+                   block_tables=t(tables), slot_mapping=t(slot_mapping), last_token_rows=t(last_rows))
+
+
+class ModelCache:
+    """Preallocated per-sequence caches: one fp32 lightning state per lightning layer and slot, and paged KV
+    blocks for the softmax layers. Which slot / blocks a sequence owns is the scheduler's business."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, num_kv_blocks: int, kv_block_size: int, dtype, device):
+        n_lin, n_full = len(cfg.linear_layers), len(cfg.full_layers)
+        H, D = cfg.num_attention_heads, cfg.head_dim
+        self.kv_block_size = kv_block_size
+        self.lightning = torch.zeros(n_lin, num_slots, H, D, D, dtype=torch.float32, device=device)
+        kv_shape = (n_full, num_kv_blocks, kv_block_size, cfg.num_key_value_heads, D)
+        self.k = torch.zeros(kv_shape, dtype=dtype, device=device)
+        self.v = torch.zeros(kv_shape, dtype=dtype, device=device)
+        self._index = {layer: i for i, layer in enumerate(cfg.linear_layers)}
+        self._index.update({layer: i for i, layer in enumerate(cfg.full_layers)})
+
+    def state_pool(self, layer: int) -> torch.Tensor:
+        return self.lightning[self._index[layer]]
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self._index[layer]
+        return self.k[i], self.v[i]
+
+    def reset_slot(self, slot: int) -> None:
+        self.lightning[:, slot].zero_()
+
+    @staticmethod
+    def bytes_per_slot(cfg: ModelConfig) -> int:
+        return len(cfg.linear_layers) * cfg.num_attention_heads * cfg.head_dim * cfg.head_dim * 4
+
+    @staticmethod
+    def bytes_per_kv_block(cfg: ModelConfig, kv_block_size: int, dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(cfg.full_layers) * kv_block_size * cfg.num_key_value_heads * cfg.head_dim * elem

@@ -1,0 +1,52 @@
+"""A contiguous range of experts [first, last) of every MoE layer: what one expert shard holds and computes."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.experts import grouped_swiglu
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+
+
+def expert_range(num_experts: int, num_shards: int, shard: int) -> tuple[int, int]:
+    """Deterministic contiguous split; the shard count must divide the expert count."""
+    if num_shards <= 0 or num_experts % num_shards:
+        raise ValueError(f"expert shards: {num_shards} does not divide the {num_experts} experts")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard index {shard} outside 0..{num_shards - 1}")
+    per = num_experts // num_shards
+    return shard * per, (shard + 1) * per
+
+
+class ExpertPart:
+    def __init__(self, cfg: ModelConfig, first: int, last: int, w13: list[torch.Tensor], w2: list[torch.Tensor]):
+        self.cfg, self.first, self.last = cfg, first, last
+        self.w13, self.w2 = w13, w2  # per layer: [E_local, 2F, H], [E_local, H, F]
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, cfg: ModelConfig, first: int, last: int, dtype=torch.float32, device="cpu"):
+        w13, w2 = [], []
+        for layer in range(cfg.num_hidden_layers):
+            a, b = ckpt.load_experts(cfg, layer, first, last)
+            w13.append(a.to(device=device, dtype=dtype))
+            w2.append(b.to(device=device, dtype=dtype))
+        return cls(cfg, first, last, w13, w2)
+
+    @property
+    def num_experts(self) -> int:
+        return self.last - self.first
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids [N, K] global ids (those outside this shard are ignored); weights [N, K].
+        Returns [N, H]: for each token, the weighted sum of its experts that live on this shard."""
+        local = expert_ids - self.first
+        mine = (local >= 0) & (local < self.num_experts)
+        token, k = mine.nonzero(as_tuple=True)
+        local = local[token, k]
+        order = torch.argsort(local, stable=True)
+        token, local = token[order], local[order]
+        sizes = torch.bincount(local, minlength=self.num_experts).tolist()
+        y = grouped_swiglu(x[token], sizes, self.w13[layer], self.w2[layer], weights[token, k[order]])
+        return torch.zeros_like(x).index_add_(0, token, y)

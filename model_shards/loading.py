@@ -1,0 +1,37 @@
+"""Loading the two halves of the model from a checkpoint folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .expert_part import ExpertPart
+from .router_part import RouterPart
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_router_part(path: str | Path, dtype=None, device="cpu") -> RouterPart:
+    cfg = ModelConfig.from_file(path)
+    ckpt = Checkpoint(path)
+    try:
+        return RouterPart(cfg, ckpt.load_router_part(cfg), dtype or default_dtype(device), device)
+    finally:
+        ckpt.close()
+
+
+def load_expert_part(path: str | Path, first: int | None = None, last: int | None = None, dtype=None,
+                     device="cpu") -> ExpertPart:
+    cfg = ModelConfig.from_file(path)
+    first = 0 if first is None else first
+    last = cfg.num_local_experts if last is None else last
+    ckpt = Checkpoint(path)
+    try:
+        return ExpertPart.load(ckpt, cfg, first, last, dtype or default_dtype(device), device)
+    finally:
+        ckpt.close()

@@ -1,0 +1,208 @@
+"""Triton kernels (kernels/lightning/{prefill,decode}.py, kernels/experts/grouped.py) against the references, on CPU
+under the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, and other test modules may import it earlier, so
+all checks run once in a subprocess (this file run as a script) that prints its measurements as JSON; the tests
+below only assert on them. Outputs are NaN-poisoned before each call to prove every element is written.
+Under the interpreter the dots run on fp32 operands (its bf16 dot is broken) and fp32 -> bf16 casts truncate
+instead of rounding (about twice the GPU's output error); the bf16-operand rounding is checked on GPU by
+bench/kernels.py's correctness gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-2  # relative L2 error allowed on bf16 paths
+
+
+def minimax_slope(head: int, layer: int, heads: int = 64, layers: int = 80) -> float:
+    return 2 ** (-8 * (head + 1) / heads) * (1 - layer / (layers - 1) + 1e-5)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def _run_checks() -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.experts.grouped import dequantize_int8, grouped_swiglu_triton, quantize_int8
+    from kernels.experts.reference import grouped_swiglu
+    from kernels.lightning.decode import lightning_decode_pool
+    from kernels.lightning.prefill import lightning_prefill_varlen
+    from kernels.lightning.reference import lightning_attention, lightning_recurrence
+
+    torch.manual_seed(0)
+    res: dict = {}
+    H, D = 4, 32
+    # strongest decay (s*64 = 59: exp underflows unless computed as exp(-s*n)), medium, weak, ~none
+    slopes = torch.tensor([minimax_slope(0, 0), minimax_slope(20, 0), minimax_slope(40, 40), minimax_slope(63, 79)])
+
+    def act(*shape):
+        return F.silu(torch.randn(*shape)).bfloat16()
+
+    def recurrence(q, k, v, state):  # [T, H, D] inputs -> o [T, H, D], state [H, D, D]
+        o, s = lightning_recurrence(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), slopes, state)
+        return o.transpose(0, 1), s
+
+    # 1. packed varlen prefill: block edges (64, 65), a 1-token sequence, non-zero and zero initial states
+    lens = [1, 5, 64, 65, 300]
+    T = sum(lens)
+    q, k, v = act(T, H, D), act(T, H, D), act(T, H, D)
+    pool = torch.randn(10, H, D, D) * 0.5
+    slots = torch.tensor([7, 2, 0, 9, 4])
+    pool[0] = 0  # a fresh sequence
+    pool0 = pool.clone()
+    ref_pool = pool.clone()
+    out = torch.full_like(q, float("nan"))
+    lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots, out=out)
+    res["prefill_all_written"] = bool(torch.isfinite(out).all())
+    errs_o, errs_s, start = [], [], 0
+    for n, slot in zip(lens, slots.tolist()):
+        o_ref, s_ref = recurrence(q[start:start + n], k[start:start + n], v[start:start + n], pool0[slot])
+        errs_o.append(_rel(out[start:start + n], o_ref))
+        errs_s.append(_rel(pool[slot], s_ref))
+        start += n
+    res["prefill_o_err"] = max(errs_o)
+    res["prefill_state_err"] = max(errs_s)
+    other = [i for i in range(10) if i not in slots.tolist()]
+    res["prefill_other_slots_untouched"] = bool(torch.equal(pool[other], pool0[other]))
+    o_blk = lightning_attention(q, k, v, slopes, ref_pool, lens, slots)
+    res["prefill_vs_blockwise_ref"] = _rel(out, o_blk)
+
+    # 2. chunked-prefill continuation (130 + 170 tokens) and decode after prefill, against one long recurrence
+    n_all = 300
+    q, k, v = act(n_all, H, D), act(n_all, H, D), act(n_all, H, D)
+    s0 = torch.randn(H, D, D) * 0.5
+    o_ref, s_ref = recurrence(q, k, v, s0)
+    pool = torch.zeros(3, H, D, D)
+    pool[1] = s0
+    out = torch.full_like(q, float("nan"))
+    for a, b in ((0, 130), (130, 297)):
+        out[a:b] = lightning_prefill_varlen(q[a:b], k[a:b], v[a:b], slopes, pool, [b - a], torch.tensor([1]))
+    for t in range(297, 300):  # decode steps for the last 3 tokens
+        out[t:t + 1] = lightning_decode_pool(q[t:t + 1], k[t:t + 1], v[t:t + 1], slopes, pool, torch.tensor([1]))
+    res["continuation_all_written"] = bool(torch.isfinite(out).all())
+    res["continuation_o_err"] = _rel(out, o_ref)
+    res["continuation_state_err"] = _rel(pool[1], s_ref)
+
+    # 3. batched decode with a padded slot (-1): pool untouched outside the live slots, padded row zero
+    B = 5
+    q, k, v = act(B, H, D), act(B, H, D), act(B, H, D)
+    pool = torch.randn(8, H, D, D) * 0.5
+    pool0 = pool.clone()
+    slots = torch.tensor([5, -1, 2, 7, 0])
+    out = torch.full_like(q, float("nan"))
+    lightning_decode_pool(q, k, v, slopes, pool, slots, out=out)
+    res["decode_all_written"] = bool(torch.isfinite(out).all())
+    errs_o, errs_s = [], []
+    for b, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        o_ref, s_ref = recurrence(q[b:b + 1], k[b:b + 1], v[b:b + 1], pool0[slot])
+        errs_o.append(_rel(out[b:b + 1], o_ref))
+        errs_s.append(_rel(pool[slot], s_ref))
+    res["decode_o_err"] = max(errs_o)
+    res["decode_state_err"] = max(errs_s)
+    res["decode_pad_zero"] = bool((out[1] == 0).all())
+    res["decode_other_slots_untouched"] = bool(torch.equal(pool[[1, 3, 4, 6]], pool0[[1, 3, 4, 6]]))
+
+    # 4. grouped SwiGLU experts: an empty group, a group smaller than a tile, tiles across expert boundaries,
+    #    K not a multiple of the K tile (H=48), F not a multiple of the N tile (F=40), with and without weights
+    configs = [None, dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=2),
+               dict(BM=32, BN=64, BK=64, GROUP_M=4, num_warps=4, num_stages=2)]
+    for name, (E, Hd, Fd, sizes) in {"a": (4, 64, 96, [3, 0, 37, 20]), "b": (3, 48, 40, [1, 17, 0])}.items():
+        N = sum(sizes)
+        x = torch.randn(N, Hd).bfloat16()
+        w13 = (torch.randn(E, 2 * Fd, Hd) / Hd ** 0.5).bfloat16()
+        w2 = (torch.randn(E, Hd, Fd) / Fd ** 0.5).bfloat16()
+        wts = torch.rand(N).bfloat16()
+        errs = []
+        for cfg in configs:
+            for w in (wts, None):
+                y = torch.full_like(x, float("nan"))
+                grouped_swiglu_triton(x, sizes, w13, w2, w, config=cfg, out=y)
+                ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else w.double())
+                errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
+        res[f"experts_{name}_err"] = max(errs)
+        # bf16 reference's own error, for scale
+        res[f"experts_{name}_ref_bf16_err"] = _rel(grouped_swiglu(x, sizes, w13, w2, wts),
+                                                   grouped_swiglu(x.double(), sizes, w13.double(), w2.double(),
+                                                                  wts.double()))
+        q13, s13 = quantize_int8(w13)
+        q2, s2 = quantize_int8(w2)
+        y = torch.full_like(x, float("nan"))
+        grouped_swiglu_triton(x, sizes, q13, q2, wts, w13_scale=s13, w2_scale=s2, out=y)
+        ref = grouped_swiglu(x.double(), sizes, dequantize_int8(q13, s13, torch.float64),
+                             dequantize_int8(q2, s2, torch.float64), wts.double())
+        res[f"experts_{name}_int8_err"] = _rel(y, ref) if torch.isfinite(y).all() else float("inf")
+    return res
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_prefill_varlen(results):
+    assert results["prefill_all_written"]
+    assert results["prefill_o_err"] < TOL
+    assert results["prefill_state_err"] < TOL
+    assert results["prefill_other_slots_untouched"]
+    assert results["prefill_vs_blockwise_ref"] < TOL
+
+
+def test_prefill_continuation_and_decode_handoff(results):
+    assert results["continuation_all_written"]
+    assert results["continuation_o_err"] < TOL
+    assert results["continuation_state_err"] < TOL
+
+
+def test_decode_padded_slot(results):
+    assert results["decode_all_written"]
+    assert results["decode_o_err"] < TOL
+    assert results["decode_state_err"] < TOL
+    assert results["decode_pad_zero"]
+    assert results["decode_other_slots_untouched"]
+
+
+@pytest.mark.parametrize("case", ["a", "b"])
+def test_grouped_swiglu(results, case):
+    assert results[f"experts_{case}_err"] < TOL
+    assert results[f"experts_{case}_int8_err"] < TOL
+
+
+def test_dispatch_falls_back_on_cpu():
+    import torch
+
+    from kernels.experts import grouped_swiglu, grouped_swiglu_reference
+    from kernels.lightning import lightning_attention, lightning_attention_reference
+
+    torch.manual_seed(1)
+    q, k, v = (torch.rand(6, 2, 16) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.01])
+    p1, p2 = torch.rand(3, 2, 16, 16), None
+    p2 = p1.clone()
+    a = lightning_attention(q, k, v, slopes, p1, [2, 4], torch.tensor([0, 2]))
+    b = lightning_attention_reference(q, k, v, slopes, p2, [2, 4], torch.tensor([0, 2]))
+    assert torch.equal(a, b) and torch.equal(p1, p2)
+    x, w13, w2 = torch.rand(5, 8), torch.rand(2, 12, 8), torch.rand(2, 8, 6)
+    assert torch.equal(grouped_swiglu(x, [2, 3], w13, w2), grouped_swiglu_reference(x, [2, 3], w13, w2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    print(json.dumps(_run_checks()))
