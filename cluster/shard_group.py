@@ -56,8 +56,18 @@ def shard_device(router_device: torch.device, shard: int) -> torch.device:
         else torch.device("cuda", (1 + shard) % torch.cuda.device_count())
 
 
-def run_shard(model_path: str, shard: int, num_shards: int, init_method: str, device: str, dtype: torch.dtype,
-              timeout_s: float) -> None:
+def join_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float,
+               join_timeout_s: float) -> None:
+    """Rendezvous through a TCP store on the router (it may take join_timeout_s for every rank to load and
+    arrive); afterwards each collective fails after timeout_s."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                          timeout=timedelta(seconds=join_timeout_s))
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: str, dtype: torch.dtype,
+              timeout_s: float, join_timeout_s: float) -> None:
     """Body of one expert shard: load its experts, join the group (a barrier), follow the router until shutdown."""
     device = torch.device(device)
     if device.type == "cpu":
@@ -67,8 +77,7 @@ def run_shard(model_path: str, shard: int, num_shards: int, init_method: str, de
     cfg = ModelConfig.from_file(model_path)
     first, last = expert_range(cfg.num_local_experts, num_shards, shard)
     experts = load_expert_part(model_path, first, last, dtype, device)
-    dist.init_process_group(backend_for(device), init_method=init_method, rank=shard + 1, world_size=num_shards + 1,
-                            timeout=timedelta(seconds=timeout_s))
+    join_group(shard + 1, num_shards + 1, port, device, timeout_s, join_timeout_s)
     try:
         with torch.inference_mode():
             ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok, dtype,
@@ -91,11 +100,12 @@ class ProcessShardGroup:
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
-                 padded_max_rows: int = 512, sync_timing: bool = False):
+                 padded_max_rows: int = 512, sync_timing: bool = False, join_timeout_s: float = 300.0):
         self.cfg = ModelConfig.from_file(model_path)
         expert_range(self.cfg.num_local_experts, num_shards, 0)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
+        self.join_timeout_s = join_timeout_s
         self.padded_max_rows, self.sync_timing = padded_max_rows, sync_timing
         self.procs: list[mp.Process] = []
         self.dispatcher: RouterDispatcher | None = None
@@ -111,20 +121,20 @@ class ProcessShardGroup:
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        port = free_port()
         self.procs = []
         for shard in range(self.num_shards):
             p = ctx.Process(target=_shard_process_main, daemon=True, name=f"m1serve-shard-{shard}",
-                            args=(self.model_path, shard, self.num_shards, init_method,
-                                  str(shard_device(self.device, shard)), self.dtype, self.timeout_s))
+                            args=(self.model_path, shard, self.num_shards, port,
+                                  str(shard_device(self.device, shard)), self.dtype, self.timeout_s,
+                                  self.join_timeout_s))
             p.start()
             self.procs.append(p)
         try:
-            dist.init_process_group(backend_for(self.device), init_method=init_method, rank=0,
-                                    world_size=self.num_shards + 1, timeout=timedelta(seconds=self.timeout_s))
+            join_group(0, self.num_shards + 1, port, self.device, self.timeout_s, self.join_timeout_s)
         except Exception as e:
             self._kill()
-            raise DispatchError(f"expert shards did not join within {self.timeout_s}s: {e}") from e
+            raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e
         self.dispatcher = RouterDispatcher(self.num_shards, self.cfg.num_local_experts, self.cfg.hidden_size,
                                            self.cfg.num_experts_per_tok, self.device, self.padded_max_rows,
                                            self.sync_timing)

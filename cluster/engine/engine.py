@@ -66,19 +66,20 @@ class RequestStream:
     def __init__(self, engine: "Engine", request_id: str):
         self.engine, self.request_id = engine, request_id
         self.queue: queue.Queue[RequestOutput] = queue.Queue()
+        self.seen: list[RequestOutput] = []  # outputs already taken from the queue
 
     def __iter__(self):
-        while True:
+        while not (self.seen and self.seen[-1].finished):
             out = self.queue.get()
+            self.seen.append(out)
             yield out
-            if out.finished:
-                return
 
     def result(self) -> RequestOutput:
-        """Waits for the end and merges every output into one."""
-        token_ids, text, logprobs, first = [], [], [], None
-        for out in self:
-            first = first or out
+        """Waits for the end and merges every output (including those already iterated) into one."""
+        for _ in self:
+            pass
+        token_ids, text, logprobs, first = [], [], [], self.seen[0]
+        for out in self.seen:
             token_ids += out.token_ids
             text.append(out.text)
             logprobs += out.logprobs
@@ -283,6 +284,7 @@ class Engine:
             if seq is not None:
                 self._finish(seq, "abort")
 
+    @torch.inference_mode()
     def step(self) -> None:
         plan, admitted = self.scheduler.schedule()
         if not plan:
@@ -294,8 +296,7 @@ class Engine:
         batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
         try:
             self.experts.begin_step(int(batch.input_ids.shape[0]))
-            with torch.inference_mode():
-                logits = self.model(batch, self.cache, self.experts.moe, timer=self.profile)
+            logits = self.model(batch, self.cache, self.experts.moe, timer=self.profile)
         except DispatchError as e:
             log.error("expert-shard group failed: %s", e)
             self.error = str(e)

@@ -1,0 +1,50 @@
+"""Fixtures and helpers shared by the engine and cluster tests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import Runner
+from model_shards.tiny import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """make-tiny output: the published layout plus tokenizer, as `m1serve make-tiny` writes it."""
+    return make_tiny(tmp_path_factory.mktemp("engine") / "tiny")
+
+
+def greedy_reference(router, experts, prompt: list[int], n: int) -> list[int]:
+    """Single-process model, one sequence: the whole prompt in one step, then one token per step."""
+    runner = Runner(router, [experts], num_slots=1, num_kv_blocks=(len(prompt) + n) // 16 + 2)
+    seq = runner.new_seq(0, len(prompt) + n)
+    out = []
+    logits = runner.step([(seq, prompt)])
+    for _ in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = runner.step([(seq, [out[-1]])])
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_parts(tiny_model):
+    from model_shards.loading import load_expert_part, load_router_part
+
+    return load_router_part(tiny_model, torch.float32), load_expert_part(tiny_model, dtype=torch.float32)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def wait_idle(engine, timeout=30.0):
+    return wait_for(lambda: (s := engine.stats())["running"] == 0 and s["waiting"] == 0 and s, timeout)

@@ -1,0 +1,204 @@
+"""The engine with experts in-process: scheduling, chunked prefill, sampling, limits, cache bookkeeping."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cluster.engine.engine import Engine, EngineConfig, QueueFull
+from cluster.engine.sampling import InvalidRequest, SamplingParams
+
+from conftest import Runner, random_ids
+from engine_helpers import greedy_reference, reference_parts, tiny_model, wait_for, wait_idle  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=8, max_num_batched_tokens=96,
+                             max_model_len=1024, max_queue_len=64)) as e:
+        yield e
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPT_LENGTHS = [1, 7, 300, 40, 129]  # > 256 and > one 96-token chunk included
+
+
+def test_mixed_batch_arriving_at_different_times_matches_single_process_model(engine, reference_parts):
+    prompts = [random_ids(n, 512, seed=n) for n in PROMPT_LENGTHS]
+    streams = []
+    for i, p in enumerate(prompts):
+        streams.append(engine.submit(p, GREEDY))
+        if i == 2:  # let the first ones start decoding before the rest arrive
+            next(iter(streams[0]))
+    results = [s.result() for s in streams]
+    for p, r in zip(prompts, results):
+        assert r.finish_reason == "length" and r.num_output_tokens == GREEDY.max_tokens
+        assert r.prompt_token_ids == p
+        assert r.token_ids == greedy_reference(*reference_parts, p, GREEDY.max_tokens)
+    s = wait_idle(engine)
+    assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+
+
+def test_continuous_batching_steps_are_shared(tiny_model):
+    """16 concurrent decodes take about as many steps as one: they share each step (real batching)."""
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=16, max_num_batched_tokens=512)) as e:
+        params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+        e.generate(random_ids(8, 512, 1), params)
+        one = e.profile.steps
+        streams = [e.submit(random_ids(8, 512, i), params) for i in range(16)]
+        outs = [s.result() for s in streams]
+        sixteen = e.profile.steps - one
+    assert all(o.num_output_tokens == 20 for o in outs)
+    assert one == 20 and sixteen <= 2 * 20, (one, sixteen)
+
+
+def test_prefill_is_chunked_and_decodes_continue(engine):
+    """A long prompt arriving while another sequence decodes must not stall it: the decode gets a token in
+    every step while the prompt is processed in budget-sized chunks."""
+    steps_before = engine.profile.steps
+    short = engine.submit(random_ids(4, 512, 3), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    it = iter(short)
+    next(it)
+    long = engine.submit(random_ids(700, 512, 4), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    long.result()
+    rest = list(it)
+    assert rest[-1].finished and rest[-1].num_output_tokens == 40
+    # 700 tokens at 96 per step need >= 8 steps; the short one decoded during them
+    assert engine.profile.steps - steps_before >= 8
+
+
+def test_seeded_sampling_is_reproducible_and_greedy_equivalents(engine):
+    prompt = random_ids(10, 512, 5)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    a, b = engine.generate(prompt, p), engine.generate(prompt, p)
+    assert a.token_ids == b.token_ids
+    c = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True))
+    assert c.token_ids != a.token_ids  # 10 tokens over a 512 vocab: equal only by a ~impossible accident
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    top1 = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=3, ignore_eos=True))
+    tiny_p = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=3,
+                                                    ignore_eos=True))
+    assert greedy.token_ids == top1.token_ids == tiny_p.token_ids
+
+
+def test_logprobs_match_log_softmax(engine, reference_parts):
+    prompt = random_ids(20, 512, 6)
+    out = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=3, ignore_eos=True))
+    runner = Runner(*reference_parts[:1], [reference_parts[1]], num_slots=1)
+    ref = torch.log_softmax(runner.prefill(prompt)[-1], -1)
+    lp = out.logprobs[0]
+    assert lp.token_id == out.token_ids[0] == int(ref.argmax())
+    assert lp.logprob == pytest.approx(ref.max().item(), abs=1e-4)
+    assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+    assert [v for _, v in lp.top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_stop_token_min_tokens_and_stop_strings(engine):
+    prompt = random_ids(10, 512, 7)
+    free = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    stop_tok = free.token_ids[3]
+    first = free.token_ids.index(stop_tok)
+    stopped = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_tok],
+                                                     ignore_eos=True))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+    # min_tokens: the stop token is masked until min_tokens are out
+    held = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_tok],
+                                                  min_tokens=first + 2, ignore_eos=True))
+    assert len(held.token_ids) >= first + 2 and stop_tok not in held.token_ids[: first + 1]
+    # stop string: the text ends right before it, and the streamed deltas add up to the same text
+    text = free.text
+    needle = text[len(text) // 2: len(text) // 2 + 2]
+    if needle.strip() and "\ufffd" not in needle:
+        params = SamplingParams(max_tokens=12, temperature=0.0, stop=[needle], ignore_eos=True)
+        streamed = "".join(o.text for o in engine.submit(prompt, params))
+        out = engine.generate(prompt, params)
+        assert out.finish_reason == "stop" and out.text == text[: text.index(needle)] == streamed
+
+
+def test_text_prompt_and_eos(engine):
+    out = engine.generate("Hello there", SamplingParams(max_tokens=5, temperature=0.0))
+    assert out.prompt_token_ids == engine.tokenizer.encode("Hello there")
+    assert out.finish_reason in ("stop", "length") and 1 <= out.num_output_tokens <= 5
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(seed=-5), "seed"), (dict(stop=[""]), "stop"), (dict(logprobs=99), "logprobs"),
+    (dict(min_tokens=50, max_tokens=5), "min_tokens"), (dict(max_tokens=5000), "max_tokens"),
+])
+def test_invalid_sampling_params_name_the_field(engine, params, field):
+    with pytest.raises(InvalidRequest) as e:
+        engine.submit([1, 2, 3], SamplingParams(**params))
+    assert e.value.param == field and field in str(e.value)
+
+
+@pytest.mark.parametrize("prompt, message", [([], "empty"), ([1, 99999], "outside the vocabulary"),
+                                             ("x" * 0, "empty"), (3, "string or a list")])
+def test_invalid_prompts(engine, prompt, message):
+    with pytest.raises(InvalidRequest, match=message):
+        engine.submit(prompt, SamplingParams(max_tokens=1))
+
+
+def test_prompt_longer_than_context_is_rejected(engine):
+    with pytest.raises(InvalidRequest, match="maximum context length is 1024"):
+        engine.submit(random_ids(1020, 512, 1), SamplingParams(max_tokens=10))
+
+
+def test_abort_frees_everything_and_queue_limit(tiny_model):
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=2, max_num_batched_tokens=64, max_queue_len=3)
+    with Engine(cfg) as e:
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        running = [e.submit(random_ids(30, 512, i), long) for i in range(2)]
+        for s in running:
+            next(iter(s))  # both admitted and decoding
+        waiting = [e.submit(random_ids(30, 512, 10 + i), long) for i in range(3)]
+        with pytest.raises(QueueFull):
+            e.submit([1, 2], long)
+        s = wait_for(lambda: e.stats()["waiting"] == 3 and e.stats())
+        assert s["slots_used"] == 2 and s["kv_blocks_used"] > 0
+        for st in running + waiting:
+            st.abort()
+        finals = [st.result() for st in running + waiting]
+        assert all(f.finish_reason == "abort" for f in finals)
+        s = wait_idle(e)
+        assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+        # and the engine still serves
+        assert e.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)) \
+            .num_output_tokens == 3
+
+
+def test_request_waits_for_memory_instead_of_failing(tiny_model):
+    """Two requests that cannot both fit run one after the other; one that can never fit is rejected."""
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=4, max_model_len=4096, kv_block_size=16,
+                       cache_memory_gb=(4 * 7 * 8 * 32 * 32 * 4 + 40 * 2 * 16 * 2 * 32 * 4) / 2**30)
+    with Engine(cfg) as e:
+        assert e.cache_manager.blocks.total == 40  # 640 tokens of KV
+        params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        a, b = e.submit(random_ids(300, 512, 1), params), e.submit(random_ids(300, 512, 2), params)
+        outs = [a.result(), b.result()]
+        assert [o.num_output_tokens for o in outs] == [100, 100]
+        with pytest.raises(InvalidRequest, match="can never fit"):
+            e.submit(random_ids(600, 512, 3), params)
+
+
+def test_sink_errors_and_threads(engine):
+    """Outputs can go to a callback (the async API uses it); a failing callback aborts only its request."""
+    got, done = [], threading.Event()
+
+    def sink(out):
+        got.append(out)
+        if out.finished:
+            done.set()
+
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), sink=sink)
+    assert done.wait(10) and sum(len(o.token_ids) for o in got) == 4
+
+    def bad_sink(out):
+        raise RuntimeError("client went away")
+
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), sink=bad_sink)
+    assert engine.generate([4, 5], SamplingParams(max_tokens=2, temperature=0.0)).num_output_tokens >= 1
+    s = wait_idle(engine)
+    assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0

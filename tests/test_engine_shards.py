@@ -1,0 +1,82 @@
+"""The engine with experts in separate shard processes over gloo: same tokens as one process, and failures that
+surface as errors within the collective timeout, followed by a re-formed group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.engine.engine import Engine, EngineConfig
+from cluster.engine.sampling import SamplingParams
+
+from conftest import random_ids
+from engine_helpers import greedy_reference, reference_parts, tiny_model, wait_for, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPT_LENGTHS = [300, 1, 45, 130, 9]  # > 256 and > one 96-token chunk included
+
+
+@pytest.fixture(scope="module")
+def expected(reference_parts):
+    prompts = [random_ids(n, 512, seed=100 + n) for n in PROMPT_LENGTHS]
+    return prompts, [greedy_reference(*reference_parts, p, GREEDY.max_tokens) for p in prompts]
+
+
+@pytest.mark.parametrize("shards, padded_max_rows", [(1, 512), (2, 512), (4, 512), (2, 0)],
+                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch"])
+def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows):
+    prompts, want = expected
+    cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
+                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60)
+    with Engine(cfg) as engine:
+        streams = []
+        for i, p in enumerate(prompts):
+            streams.append(engine.submit(p, GREEDY))
+            if i == 1:  # the first two are decoding when the others arrive
+                next(iter(streams[1]))
+        got = [s.result() for s in streams]
+        assert [g.token_ids for g in got] == want
+        s = wait_idle(engine)
+        assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+        times = engine.experts.dispatcher.times
+        assert times.layers > 0 and times.bytes_sent > 0
+
+
+@pytest.mark.parametrize("how", ["kill", "stall"])
+def test_shard_failure_fails_requests_within_timeout_then_recovers(tiny_model, how):
+    timeout = 6.0
+    cfg = EngineConfig(model=str(tiny_model), expert_shards=2, max_num_seqs=4, collective_timeout_s=timeout)
+    with Engine(cfg) as engine:
+        ok = engine.generate([1, 2, 3], GREEDY)
+        assert ok.num_output_tokens == GREEDY.max_tokens
+        long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+        streams = [engine.submit(random_ids(20, 512, i), long) for i in range(2)]
+        for s in streams:
+            next(iter(s))
+        victim = engine.experts.procs[1].pid
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        try:
+            finals = [s.result() for s in streams]
+            elapsed = time.monotonic() - t0
+        finally:
+            if how == "stall":
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        assert all(f.finish_reason == "error" and "shard" in f.error for f in finals), finals
+        assert all(f.num_output_tokens < 2000 for f in finals)
+        assert elapsed < timeout + 10, elapsed
+        # the group is re-formed with a new shard process, and new requests succeed again
+        wait_for(lambda: engine.healthy and engine.counters["group_restarts"] == 1, timeout=60)
+        assert engine.experts.procs[1].pid != victim
+        again = engine.generate([1, 2, 3], GREEDY)
+        assert again.finish_reason == "length" and again.token_ids == ok.token_ids
+        s = wait_idle(engine)
+        assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
