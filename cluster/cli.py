@@ -74,6 +74,66 @@ def cmd_bench_engine(args) -> int:
     return 0
 
 
+GRPC_SERVICER = "cluster.api.m1serve_pb2_grpc.add_M1ServeServicer_to_server"
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.app import APP_NAME, AppArgs, build_app
+
+    app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
+                       dtype=args.dtype, max_num_seqs=args.max_num_seqs, router_gpus=args.router_gpus,
+                       gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
+                       shard_resources=dict(args.shard_resource),
+                       env={**({} if args.address else {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}),
+                            **dict(args.replica_env)})
+    print(f"m1serve: model {app_args.model}, {app_args.expert_shards} expert shards", flush=True)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options=HTTPOptions(host=args.host, port=args.http_port),
+                    grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+        print("m1serve: loading the model and forming the expert-shard group ...", flush=True)
+        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+        print(f"m1serve: ready\n  OpenAI HTTP  http://{args.host}:{args.http_port}/v1\n"
+              f"  gRPC         {args.host}:{args.grpc_port} (m1serve.v1.M1Serve)\n"
+              f"  metrics      http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        stop.wait()
+        print("m1serve: shutting down", flush=True)
+    finally:
+        try:
+            if args.address:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _key_value(convert):
+    def parse(text: str):
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        try:
+            return key, convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad value in {text!r}") from None
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m1serve", description="Expert-parallel serving for MiniMax-M1 models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="run the Ray Serve cluster: OpenAI HTTP + gRPC")
+    p.add_argument("--model", help="checkpoint folder (default: the embedded tiny demo checkpoint)")
+    p.add_argument("--expert-shards", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--router-gpus", type=float, default=0)
+    p.add_argument("--gpus-per-shard", type=float, default=0)
+    p.add_argument("--collective-timeout-s", type=float, default=30.0)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--shard-resource", type=_key_value(float), action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each shard replica needs (places shards on the nodes that have it)")
+    p.add_argument("--replica-env", type=_key_value(str), action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every replica (e.g. NCCL_SOCKET_IFNAME=eth0)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-engine", help="decode throughput and per-step time breakdown")
     engine_args(p)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -38,12 +37,6 @@ class LocalExperts:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -56,19 +49,54 @@ def shard_device(router_device: torch.device, shard: int) -> torch.device:
         else torch.device("cuda", (1 + shard) % torch.cuda.device_count())
 
 
-def join_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float,
-               join_timeout_s: float) -> None:
-    """Rendezvous through a TCP store on the router (it may take join_timeout_s for every rank to load and
-    arrive); afterwards each collective fails after timeout_s."""
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
-                          timeout=timedelta(seconds=join_timeout_s))
+def master_store(world_size: int, join_timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
+    """The rendezvous store, hosted by the router on a free port (store.port)."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=join_timeout_s))
+
+
+def join_group(rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float,
+               join_timeout_s: float, peers_alive=lambda: True) -> None:
+    """Joins the group once every rank is ready (each may take join_timeout_s to load and arrive, unless
+    peers_alive() says one is gone); afterwards each collective fails after timeout_s."""
+    store.set(f"ready/{rank}", "1")
+    keys, deadline = [f"ready/{r}" for r in range(world_size)], time.monotonic() + join_timeout_s
+    while True:
+        try:
+            store.wait(keys, timedelta(seconds=1))
+            break
+        except dist.DistStoreError:
+            if not peers_alive():
+                raise DispatchError("an expert shard exited before joining the group") from None
+            if time.monotonic() > deadline:
+                raise
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
 
 
+def shard_store(host: str, port: int, world_size: int, join_timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=join_timeout_s))
+
+
+def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: int, host: str, port: int,
+                  device: torch.device, timeout_s: float, join_timeout_s: float) -> None:
+    """A shard's life in one group: join, follow the router until shutdown or failure, leave the group."""
+    join_group(rank, world_size, shard_store(host, port, world_size, join_timeout_s), device, timeout_s,
+               join_timeout_s)
+    try:
+        with torch.inference_mode():
+            ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok,
+                        experts.w2[0].dtype, device).serve()
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
 def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: str, dtype: torch.dtype,
               timeout_s: float, join_timeout_s: float) -> None:
-    """Body of one expert shard: load its experts, join the group (a barrier), follow the router until shutdown."""
+    """Body of one expert-shard process: load its experts, then serve in the router's group."""
     device = torch.device(device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # N shards + the router share the cores
@@ -77,16 +105,7 @@ def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: s
     cfg = ModelConfig.from_file(model_path)
     first, last = expert_range(cfg.num_local_experts, num_shards, shard)
     experts = load_expert_part(model_path, first, last, dtype, device)
-    join_group(shard + 1, num_shards + 1, port, device, timeout_s, join_timeout_s)
-    try:
-        with torch.inference_mode():
-            ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok, dtype,
-                        device).serve()
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+    serve_experts(experts, cfg, shard + 1, num_shards + 1, "127.0.0.1", port, device, timeout_s, join_timeout_s)
 
 
 def _shard_process_main(*args) -> None:
@@ -121,17 +140,18 @@ class ProcessShardGroup:
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = free_port()
+        store = master_store(self.num_shards + 1, self.join_timeout_s)
         self.procs = []
         for shard in range(self.num_shards):
             p = ctx.Process(target=_shard_process_main, daemon=True, name=f"m1serve-shard-{shard}",
-                            args=(self.model_path, shard, self.num_shards, port,
+                            args=(self.model_path, shard, self.num_shards, store.port,
                                   str(shard_device(self.device, shard)), self.dtype, self.timeout_s,
                                   self.join_timeout_s))
             p.start()
             self.procs.append(p)
         try:
-            join_group(0, self.num_shards + 1, port, self.device, self.timeout_s, self.join_timeout_s)
+            join_group(0, self.num_shards + 1, store, self.device, self.timeout_s, self.join_timeout_s,
+                       peers_alive=lambda: all(p.is_alive() for p in self.procs))
         except Exception as e:
             self._kill()
             raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e

@@ -162,6 +162,7 @@ class ModelCase:
     tmp: Path
     _hf: object = None
     _parts: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict)
 
     @property
     def hf(self):
@@ -190,9 +191,30 @@ class ModelCase:
         return Runner(self.router(), [self.experts()], **kw)
 
     def hf_logits(self, ids: list[int]) -> torch.Tensor:
+        """The oracle's full-sequence logits [T, V] (memoised: several tests ask for the same prompt)."""
         from hf_oracle import hf_logits
 
-        return hf_logits(self.hf, ids)
+        key = ("hf", tuple(ids))
+        if key not in self._memo:
+            self._memo[key] = hf_logits(self.hf, ids)
+        return self._memo[key]
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Our single-step prefill logits [T, V] with all experts in one part (memoised)."""
+        key = ("ours", tuple(ids))
+        if key not in self._memo:
+            self._memo[key] = self.runner().prefill(ids)
+        return self._memo[key]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """The tiny models are far too small for intra-op threads; with one thread they also stay fast when other
+    processes load the (2-core) machine. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from kernels.lightning.reference import (lightning_attention, lightning_decode, 
 from model_shards.config import lightning_slopes
 
 H, D = 8, 32
+pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-5
 
 

@@ -116,7 +116,9 @@ class StepProfile:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, start: bool = True):
+    def __init__(self, config: EngineConfig, experts=None, start: bool = True):
+        """experts: where the experts live (LocalExperts, ProcessShardGroup, RayShardGroup); by default local
+        experts, or shard processes when config.expert_shards > 0."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
@@ -127,7 +129,9 @@ class Engine:
             log.warning("no tokenizer (%s): prompts must be token ids", e)
             self.tokenizer = None
         self.model = load_router_part(config.model, self.dtype, self.device)
-        if config.expert_shards:
+        if experts is not None:
+            self.experts = experts
+        elif config.expert_shards:
             self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
                                              config.collective_timeout_s, config.padded_dispatch_max_rows,
                                              sync_timing=config.profile)
@@ -241,9 +245,9 @@ class Engine:
     def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
         limit = self.config.max_model_len
         if num_prompt + params.max_tokens > limit:
-            raise InvalidRequest(f"max_tokens: this model's maximum context length is {limit} tokens, but the prompt "
-                                 f"has {num_prompt} tokens and max_tokens is {params.max_tokens}",
-                                 "max_tokens" if num_prompt < limit else "prompt")
+            param = "max_tokens" if num_prompt < limit else "prompt"
+            raise InvalidRequest(f"{param}: this model's maximum context length is {limit} tokens, but the prompt "
+                                 f"has {num_prompt} tokens and max_tokens is {params.max_tokens}", param)
         if not self.cache_manager.can_ever_fit(num_prompt + params.max_tokens):
             raise InvalidRequest(f"prompt: {num_prompt + params.max_tokens} tokens can never fit the KV cache "
                                  f"({self.cache_manager.blocks.total * self.config.kv_block_size} tokens)", "prompt")

@@ -1,0 +1,220 @@
+"""gRPC handlers for the M1Serve service (cluster/api/m1serve.proto), independent of the transport.
+
+The Ray Serve router deployment delegates its gRPC methods to them:
+
+    async def Generate(self, request, grpc_context=None):
+        return await grpc_service.generate(self.engine, request, grpc_context)
+
+    async def GenerateStream(self, request, grpc_context=None):
+        async for message in grpc_service.generate_stream(self.engine, request, grpc_context):
+            yield message
+
+`context` only needs `set_code(grpc.StatusCode)` and `set_details(str)` (Ray Serve's RayServegRPCContext has both and
+the proxy returns that status once the method returns, or once the stream ends). On an error the handlers set the
+status and return an empty GenerateResponse (unary) or stop the stream. `context=None` raises `GrpcError` instead.
+
+`M1ServeServicer` runs the same handlers on a plain `grpc.aio` server (tests, standalone use): errors become
+`context.abort(code, details)`.
+
+Error mapping: InvalidRequest -> INVALID_ARGUMENT (details start with the field: "max_tokens: ..."),
+QueueFull -> RESOURCE_EXHAUSTED, EngineUnavailable or an engine result that ended in "error"/"abort" -> UNAVAILABLE,
+anything else -> INTERNAL with a generic message (the traceback goes to the server log only).
+Cancelling the call (client disconnect) aborts the request in the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from cluster.api import m1serve_pb2 as pb
+from cluster.api import m1serve_pb2_grpc as pb_grpc
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.engine import EngineUnavailable, QueueFull
+from cluster.engine.sampling import InvalidRequest, SamplingParams, TokenLogprobs
+from cluster.engine.sequence import RequestOutput
+
+log = logging.getLogger(__name__)
+
+INTERNAL_DETAILS = "internal server error"
+# GenerateRequest `optional` field -> SamplingParams field (unset: SamplingParams' default)
+_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "logprobs")
+
+
+class GrpcError(Exception):
+    """A gRPC status to return: raised inside the handlers, and out of them when no context is given."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+# ---- request / response conversion --------------------------------------------------------------------------------
+def _check_model(engine: AsyncEngine, request: pb.GenerateRequest) -> None:
+    if request.model and request.model != engine.model_name:
+        raise InvalidRequest(f"model: '{request.model}' is not served here (this server serves "
+                             f"'{engine.model_name}')", "model")
+
+
+def request_prompt(request: pb.GenerateRequest) -> str | list[int]:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return request.text
+    if which == "prompt_token_ids":
+        return list(request.prompt_token_ids.ids)
+    raise InvalidRequest("prompt: set either text or prompt_token_ids", "prompt")
+
+
+def request_params(request: pb.GenerateRequest) -> SamplingParams:
+    """The request's sampling parameters, validated (InvalidRequest names the field)."""
+    kwargs = {name: getattr(request, name) for name in _OPTIONAL_PARAMS if request.HasField(name)}
+    params = SamplingParams(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids), **kwargs)
+    return params.validate()
+
+
+def _logprobs(entries: list[TokenLogprobs]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in e.top]) for e in entries]
+
+
+def _usage(out: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+                    total_tokens=out.num_prompt_tokens + out.num_output_tokens)
+
+
+def _check_result(out: RequestOutput) -> None:
+    """An engine-side failure of an accepted request ("error": shard group down, failed step; "abort": the engine
+    shut down) -> UNAVAILABLE. Internal exception texts stay in the server log."""
+    if out.finish_reason in ("error", "abort"):
+        if out.finish_reason == "abort":
+            details = "the engine shut down"
+        elif out.error and not out.error.startswith("internal error"):
+            details = out.error
+        else:
+            details = "the engine failed this request; retry"
+        raise GrpcError(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def _to_grpc_error(e: Exception) -> GrpcError:
+    if isinstance(e, GrpcError):
+        return e
+    if isinstance(e, InvalidRequest):
+        details = str(e)
+        if e.param and not details.startswith(f"{e.param}:"):  # lead with the field the engine blamed
+            head, sep, rest = details.partition(": ")
+            details = f"{e.param}: {rest if sep and head.isidentifier() else details}"
+        return GrpcError(grpc.StatusCode.INVALID_ARGUMENT, details)
+    if isinstance(e, QueueFull):
+        return GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}")
+    if isinstance(e, EngineUnavailable):
+        return GrpcError(grpc.StatusCode.UNAVAILABLE, str(e))
+    log.error("unexpected error in a gRPC handler", exc_info=e)
+    return GrpcError(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+def _report(context, e: Exception) -> None:
+    err = _to_grpc_error(e)
+    if context is None:
+        raise err from (None if err is e else e)
+    context.set_code(err.code)
+    context.set_details(err.details)
+
+
+def _ids(request: pb.GenerateRequest) -> tuple[str, str]:
+    """(engine request id: unique, client request id to echo)."""
+    engine_id = uuid.uuid4().hex
+    if request.request_id:
+        engine_id = f"{request.request_id[:64]}-{engine_id[:12]}"
+    return engine_id, request.request_id or engine_id
+
+
+# ---- handlers ------------------------------------------------------------------------------------------------------
+async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=None) -> pb.GenerateResponse:
+    """Unary Generate. On an error: sets the status on `context` and returns an empty GenerateResponse."""
+    try:
+        _check_model(engine, request)
+        prompt, params = request_prompt(request), request_params(request)
+        engine_id, client_id = _ids(request)
+        out = await engine.generate(prompt, params, engine_id)
+        _check_result(out)
+        return pb.GenerateResponse(text=out.text, token_ids=out.token_ids, prompt_token_ids=out.prompt_token_ids or [],
+                                   finish_reason=out.finish_reason or "", usage=_usage(out),
+                                   logprobs=_logprobs(out.logprobs), request_id=client_id)
+    except Exception as e:  # CancelledError (a BaseException) passes through: engine.stream aborts the request
+        _report(context, e)
+        return pb.GenerateResponse()
+
+
+async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest,
+                          context=None) -> AsyncIterator[pb.GenerateStreamResponse]:
+    """Server-streaming GenerateStream. On an error: sets the status on `context` and ends the stream. Closing this
+    generator early (client cancelled) closes the engine stream, which aborts the request."""
+    try:
+        _check_model(engine, request)
+        prompt, params = request_prompt(request), request_params(request)
+        engine_id, client_id = _ids(request)
+        async with contextlib.aclosing(engine.stream(prompt, params, engine_id)) as outputs:
+            async for out in outputs:
+                _check_result(out)
+                message = pb.GenerateStreamResponse(text=out.text, token_ids=out.token_ids,
+                                                    logprobs=_logprobs(out.logprobs), request_id=client_id)
+                if out.prompt_token_ids is not None:
+                    message.prompt_token_ids.extend(out.prompt_token_ids)
+                if out.finished:
+                    message.finish_reason = out.finish_reason or ""
+                    message.usage.CopyFrom(_usage(out))
+                yield message
+    except Exception as e:
+        _report(context, e)
+
+
+# ---- plain grpc.aio server ----------------------------------------------------------------------------------------
+class _StatusContext:
+    """set_code/set_details recorder in front of a grpc.aio ServicerContext (other attributes pass through)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    async def abort_if_failed(self) -> None:
+        if self.code is not None and self.code != grpc.StatusCode.OK:
+            await self._context.abort(self.code, self.details)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+class M1ServeServicer(pb_grpc.M1ServeServicer):
+    """The M1Serve service on a plain grpc.aio server:
+
+        server = grpc.aio.server()
+        m1serve_pb2_grpc.add_M1ServeServicer_to_server(M1ServeServicer(async_engine), server)
+    """
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def Generate(self, request, context):
+        status = _StatusContext(context)
+        response = await generate(self.engine, request, status)
+        await status.abort_if_failed()
+        return response
+
+    async def GenerateStream(self, request, context):
+        status = _StatusContext(context)
+        # aclosing: a cancelled call closes the handler (and so the engine stream) right away, not at GC
+        async with contextlib.aclosing(generate_stream(self.engine, request, status)) as messages:
+            async for message in messages:
+                yield message
+        await status.abort_if_failed()

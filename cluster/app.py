@@ -1,0 +1,82 @@
+"""The Serve application builder: `cluster.app:build_app` for `serve run`, KubeRay's serveConfigV2 and the CLI.
+
+    serve run cluster.app:build_app model=/models/MiniMax-M1 expert_shards=8 gpus_per_shard=1 router_gpus=1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from model_shards.config import ModelConfig
+
+from .deployments import ExpertShard, Router
+
+ROUTER_NAME = "Router"
+APP_NAME = "m1serve"
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="checkpoint folder; default: the embedded tiny demo checkpoint")
+    model_name: str | None = Field(None, description="name served in /v1/models; default: the folder's name")
+    expert_shards: int = Field(2, ge=0, description="expert-shard deployments; must divide the expert count")
+    router_gpus: float = Field(0, ge=0)
+    gpus_per_shard: float = Field(0, ge=0)
+    router_cpus: float = Field(0, ge=0)
+    cpus_per_shard: float = Field(0, ge=0)
+    shard_resources: dict[str, float] = Field(default_factory=dict,
+                                              description="custom Ray resources each shard replica needs "
+                                                          "(to place shards on chosen nodes)")
+    dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$")
+    max_num_seqs: int = Field(16, ge=1)
+    max_num_batched_tokens: int = Field(256, ge=1)
+    max_model_len: int = Field(4096, ge=2)
+    max_queue_len: int = Field(256, ge=1)
+    cache_memory_gb: float | None = Field(None, gt=0)
+    collective_timeout_s: float = Field(30.0, gt=0)
+    api_key_env: str | None = Field("M1SERVE_API_KEY", description="env var holding the API key (unset: no auth)")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for every replica")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model is None:
+            from .cli import default_model_dir
+
+            self.model = str(default_model_dir())
+        if self.expert_shards:
+            cfg = ModelConfig.from_file(self.model)
+            if cfg.num_local_experts % self.expert_shards:
+                raise ValueError(f"expert_shards: {self.expert_shards} does not divide the "
+                                 f"{cfg.num_local_experts} experts of {self.model}")
+        return self
+
+
+def build_app(args: AppArgs | dict) -> Application:
+    if not isinstance(args, AppArgs):
+        args = AppArgs(**args)
+    name = args.model_name or Path(args.model).name
+    runtime_env = {"env_vars": dict(args.env)} if args.env else {}
+    engine = dict(dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
+                  cache_memory_gb=args.cache_memory_gb, collective_timeout_s=args.collective_timeout_s)
+    shard_deployment = serve.deployment(ExpertShard)
+    shards = [
+        shard_deployment.options(
+            name=f"ExpertShard{i}", num_replicas=1, max_ongoing_requests=8,
+            health_check_period_s=2, health_check_timeout_s=10,
+            ray_actor_options={"num_cpus": args.cpus_per_shard, "num_gpus": args.gpus_per_shard,
+                               "resources": dict(args.shard_resources), "runtime_env": runtime_env},
+        ).bind(args.model, i, args.expert_shards, args.dtype)
+        for i in range(args.expert_shards)
+    ]
+    router = serve.deployment(serve.ingress()(Router)).options(
+        name=ROUTER_NAME, num_replicas=1, max_ongoing_requests=4 * args.max_queue_len,
+        health_check_period_s=5, health_check_timeout_s=30,
+        ray_actor_options={"num_cpus": args.router_cpus, "num_gpus": args.router_gpus, "runtime_env": runtime_env},
+    )
+    return router.bind(args.model, shards, engine, name, args.api_key_env)

@@ -1,0 +1,137 @@
+"""The Ray Serve deployments: the Router (engine + HTTP + gRPC) and the ExpertShards (a range of experts each).
+
+Ray carries only the one-time rendezvous (Router -> ExpertShard.join) and the requests (proxy -> Router); the
+per-layer expert traffic is the torch.distributed collective between the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+
+import ray
+import torch
+from ray import serve
+
+from model_shards.config import ModelConfig
+from model_shards.expert_part import expert_range
+from model_shards.loading import load_expert_part
+
+from .engine.async_engine import AsyncEngine
+from .engine.engine import DTYPES, Engine, EngineConfig
+from .ray_shard_group import RayShardGroup
+from .shard_group import serve_experts
+
+log = logging.getLogger("m1serve.deployments")
+
+
+def replica_device() -> torch.device:
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+
+
+class ExpertShard:
+    """Holds experts [first, last) of every layer; serves them in the router's group while it exists."""
+
+    def __init__(self, model: str, shard: int, num_shards: int, dtype: str | None = None):
+        self.device = replica_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        else:
+            torch.cuda.set_device(self.device)
+        self.cfg = ModelConfig.from_file(model)
+        self.shard = shard
+        self.first, self.last = expert_range(self.cfg.num_local_experts, num_shards, shard)
+        dt = DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        t0 = time.monotonic()
+        self.experts = load_expert_part(model, self.first, self.last, dt, self.device)
+        log.info("shard %d: experts %d..%d loaded in %.1fs", shard, self.first, self.last - 1, time.monotonic() - t0)
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.groups_joined = 0
+
+    async def join(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+                   join_timeout_s: float) -> dict:
+        """Starts serving in a new group (after the previous one, if any, has ended). Returns at once: the
+        group forms when every rank has joined."""
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout_s + 5)
+            if self._thread.is_alive():
+                raise RuntimeError("still serving in the previous group")
+
+        def run():
+            try:
+                serve_experts(self.experts, self.cfg, rank, world_size, host, port, self.device, timeout_s,
+                              join_timeout_s)
+                self.last_error = None
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("shard %d left the group: %s", self.shard, self.last_error)
+
+        self._thread = threading.Thread(target=run, name=f"m1serve-shard-{self.shard}", daemon=True)
+        self._thread.start()
+        self.groups_joined += 1
+        return {"shard": self.shard, "experts": [self.first, self.last], "pid": os.getpid()}
+
+    def status(self) -> dict:
+        return {"shard": self.shard, "experts": [self.first, self.last], "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "in_group": bool(self._thread and self._thread.is_alive()), "groups_joined": self.groups_joined,
+                "last_error": self.last_error}
+
+
+class Router:
+    """The engine (scheduler, attention, gates, LM head) behind the OpenAI HTTP API and the gRPC service."""
+
+    async def __init__(self, model: str, shards: list, engine: dict, model_name: str, api_key_env: str | None = None,
+                       group_down_grace_s: float = 120.0):
+        device = replica_device()
+        config = EngineConfig(model=model, expert_shards=len(shards), device=str(device), **engine)
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        self.group_down_grace_s = group_down_grace_s
+
+        def build() -> Engine:
+            experts = None
+            if shards:
+                cfg = ModelConfig.from_file(model)
+                experts = RayShardGroup(shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
+                                        device, ray.util.get_node_ip_address(), config.collective_timeout_s,
+                                        padded_max_rows=config.padded_dispatch_max_rows)
+            return Engine(config, experts=experts)
+
+        self.engine = await asyncio.to_thread(build)
+        self.async_engine = AsyncEngine(self.engine, model_name)
+        self._down_since: float | None = None
+
+    def __serve_build_asgi_app__(self):
+        from .api.openai_api import create_app
+
+        return create_app(self.async_engine, api_key=self.api_key)
+
+    async def Generate(self, request, grpc_context=None):
+        from .api import grpc_service
+
+        return await grpc_service.generate(self.async_engine, request, grpc_context)
+
+    async def GenerateStream(self, request, grpc_context=None):
+        from .api import grpc_service
+
+        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context):
+            yield response
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        """A group that stays broken past the grace period makes Serve replace this replica (which forms a new
+        group); shorter outages are reported by /health and recovered by the engine itself."""
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("engine thread died")
+        if self.engine.healthy:
+            self._down_since = None
+            return
+        self._down_since = self._down_since or time.monotonic()
+        if time.monotonic() - self._down_since > self.group_down_grace_s:
+            raise RuntimeError(f"expert-shard group down for over {self.group_down_grace_s}s: {self.engine.error}")

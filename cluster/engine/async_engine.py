@@ -1,0 +1,61 @@
+"""asyncio front of the engine for the API layers: `async for out in engine.stream(prompt, params)`.
+
+Leaving the loop early (client disconnect, cancellation) aborts the request, which frees its state slot and KV
+blocks at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import AsyncIterator
+
+from .engine import Engine
+from .sampling import SamplingParams
+from .sequence import RequestOutput
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.healthy
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validation errors (InvalidRequest), QueueFull and EngineUnavailable are raised at the first
+        iteration, before anything is yielded."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.submit(prompt, params, request_id, sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait,
+                                                                                                   out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> RequestOutput:
+        """The whole result at once (all token ids, the full text, every logprob)."""
+        outputs = [out async for out in self.stream(prompt, params, request_id)]
+        first, last = outputs[0], outputs[-1]
+        return RequestOutput(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+                             True, last.finish_reason, last.error, [lp for o in outputs for lp in o.logprobs],
+                             first.prompt_token_ids, last.num_prompt_tokens, last.num_output_tokens)
