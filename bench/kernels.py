@@ -303,9 +303,11 @@ class ExpertsCase:
 def tune(log) -> dict:
     best = {}
     # prefill
-    cfgs = [dict(chunk=c, block_v=bv, num_warps=w, num_stages=s)
-            for c in (64, 128) for bv in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
-            if not (c == 128 and bv == 128 and w == 4)]
+    # num_stages=1 with block_v=32 miscompiles under triton 3.6 (wrong results / illegal address, seen on H200),
+    # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept.
+    cfgs = ([dict(chunk=64, block_v=bv, num_warps=w, num_stages=s) for bv in (32, 64, 128) for w in (4, 8)
+             for s in (2, 3)]
+            + [dict(chunk=128, block_v=bv, num_warps=w, num_stages=2) for bv in (64, 128) for w in (4, 8)])
     for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("pack 16x2K", [2048] * 16)]:
         case = PrefillCase(lens)
         rows = []

@@ -28,6 +28,16 @@ from .shard_group import serve_experts
 log = logging.getLogger("m1serve.deployments")
 
 
+def setup_logging() -> None:
+    """Our INFO logs (loading progress, group events) on the replica's stderr, which Ray forwards to the driver."""
+    logger = logging.getLogger("m1serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def replica_device() -> torch.device:
     return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
 
@@ -36,6 +46,7 @@ class ExpertShard:
     """Holds experts [first, last) of every layer; serves them in the router's group while it exists."""
 
     def __init__(self, model: str, shard: int, num_shards: int, dtype: str | None = None):
+        setup_logging()
         self.device = replica_device()
         if self.device.type == "cpu":
             torch.set_num_threads(1)
@@ -87,6 +98,7 @@ class Router:
 
     async def __init__(self, model: str, shards: list, engine: dict, model_name: str, api_key_env: str | None = None,
                        group_down_grace_s: float = 120.0):
+        setup_logging()
         device = replica_device()
         config = EngineConfig(model=model, expert_shards=len(shards), device=str(device), **engine)
         self.api_key = os.environ.get(api_key_env) if api_key_env else None

@@ -99,23 +99,26 @@ class Checkpoint:
         raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint index")
 
     def read(self, name: str, shape: tuple[int, ...] | None = None, rows: slice | None = None) -> torch.Tensor:
-        """One tensor (or rows of its first dimension), checked against the expected shape."""
+        """One tensor (or rows of its first dimension), checked against the expected shape of the whole tensor."""
         stored = self._stored_name(name)
         filename = self.weight_map[stored]
-        f = self._file(filename)
+        where = f"{self.path / filename}: tensor {stored!r}"
         try:
-            if rows is None:
-                t = f.get_tensor(stored)
-            else:
-                t = f.get_slice(stored)[rows]
+            f = self._file(filename)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (while reading tensor {stored!r})") from None
+        try:
+            sliced = f.get_slice(stored)
+            stored_shape = tuple(sliced.get_shape())
+            if shape is not None and stored_shape != tuple(shape):
+                raise CheckpointError(f"{where} has shape {stored_shape}, expected {tuple(shape)}")
+            t = sliced[rows] if rows is not None else f.get_tensor(stored)
+        except CheckpointError:
+            raise
         except SafetensorError as e:
-            raise CheckpointError(f"{self.path / filename}: cannot read tensor {stored!r} ({e})") from None
+            raise CheckpointError(f"{where} cannot be read ({e})") from None
         except Exception as e:  # truncated files surface as various errors from the mmap'd read
-            raise CheckpointError(f"{self.path / filename}: tensor {stored!r} is corrupt or the file is "
-                                  f"truncated ({type(e).__name__}: {e})") from None
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.path / filename}: tensor {stored!r} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(shape)}")
+            raise CheckpointError(f"{where} is corrupt or the file is truncated ({type(e).__name__}: {e})") from None
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -136,15 +139,9 @@ class Checkpoint:
         H, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
         p = layer_prefix(layer)
         if self.transformers_naming:
-            gate_up = self.read(p + "mlp.experts.gate_up_proj", None, slice(first, last))
-            down = self.read(p + "mlp.experts.down_proj", None, slice(first, last))
-            n = last - first
-            for name, t, shape in ((p + "mlp.experts.gate_up_proj", gate_up, (n, 2 * F, H)),
-                                   (p + "mlp.experts.down_proj", down, (n, H, F))):
-                if tuple(t.shape) != shape:
-                    raise CheckpointError(f"{self.path / self.weight_map[name]}: tensor {name!r} has shape "
-                                          f"{(E,) + tuple(t.shape[1:])}, expected {(E,) + shape[1:]}")
-            return gate_up, down
+            rows = slice(first, last)
+            return (self.read(p + "mlp.experts.gate_up_proj", (E, 2 * F, H), rows),
+                    self.read(p + "mlp.experts.down_proj", (E, H, F), rows))
         w13, w2 = [], []
         for e in range(first, last):
             q = f"{p}block_sparse_moe.experts.{e}."

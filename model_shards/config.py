@@ -108,7 +108,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok",
+                     "head_dim", "rotary_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok",
                      "max_position_embeddings", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -168,10 +168,20 @@ def _require(d: dict, key: str):
     return d[key]
 
 
+def _number(d: dict, key: str, default=None) -> float:
+    """A float field (required when no default), checked so that a wrong type names the field."""
+    value = _require(d, key) if default is None else d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    return float(value)
+
+
 def _no_shared_experts(d: dict) -> None:
     shared = d.get("shared_intermediate_size", 0) or 0
     if isinstance(shared, list):
         shared = max(shared, default=0)
+    if isinstance(shared, bool) or not isinstance(shared, (int, float)):
+        raise ConfigError(f"shared_intermediate_size: must be a number, got {shared!r}")
     if shared > 0:
         raise ConfigError(f"shared_intermediate_size: {shared} > 0 (shared experts) is not supported")
     act = d.get("hidden_act", "silu")
@@ -195,7 +205,7 @@ def _common_fields(d: dict) -> dict:
         "intermediate_size": _require(d, "intermediate_size"),
         "num_local_experts": _require(d, "num_local_experts"),
         "num_experts_per_tok": _require(d, "num_experts_per_tok"),
-        "rms_norm_eps": float(d.get("rms_norm_eps", 1e-5)),
+        "rms_norm_eps": _number(d, "rms_norm_eps", 1e-5),
         "max_position_embeddings": _require(d, "max_position_embeddings"),
         "block_size": d.get("block_size") or 256,
         "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
@@ -210,19 +220,19 @@ def _original_fields(d: dict) -> dict:
         raise ConfigError("attn_type_list: must be a list")
     layer_types = []
     for i, t in enumerate(types):
-        if t not in (0, 1):
+        if isinstance(t, bool) or t not in (0, 1):
             raise ConfigError(f"attn_type_list[{i}]: unknown layer type {t!r} (0 = lightning, 1 = softmax)")
         layer_types.append(LINEAR if t == 0 else FULL)
     f.update(
         layer_types=tuple(layer_types),
         rotary_dim=_require(d, "rotary_dim"),
-        rope_theta=float(_require(d, "rope_theta")),
-        linear_attn_alpha=float(_require(d, "layernorm_linear_attention_alpha")),
-        linear_attn_beta=float(_require(d, "layernorm_linear_attention_beta")),
-        full_attn_alpha=float(_require(d, "layernorm_full_attention_alpha")),
-        full_attn_beta=float(_require(d, "layernorm_full_attention_beta")),
-        mlp_alpha=float(_require(d, "layernorm_mlp_alpha")),
-        mlp_beta=float(_require(d, "layernorm_mlp_beta")),
+        rope_theta=_number(d, "rope_theta"),
+        linear_attn_alpha=_number(d, "layernorm_linear_attention_alpha"),
+        linear_attn_beta=_number(d, "layernorm_linear_attention_beta"),
+        full_attn_alpha=_number(d, "layernorm_full_attention_alpha"),
+        full_attn_beta=_number(d, "layernorm_full_attention_beta"),
+        mlp_alpha=_number(d, "layernorm_mlp_alpha"),
+        mlp_beta=_number(d, "layernorm_mlp_beta"),
         postnorm=bool(d.get("postnorm", True)),
     )
     return f
@@ -247,17 +257,22 @@ def _transformers_fields(d: dict) -> dict:
         rotary_dim = d["rotary_dim"]
     else:
         factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-        rotary_dim = int(round(f["head_dim"] * factor)) if isinstance(f["head_dim"], int) else None
+        rotary_dim = f["head_dim"] * factor if isinstance(f["head_dim"], int) else None
+        if isinstance(rotary_dim, float):
+            if not rotary_dim.is_integer():
+                raise ConfigError(f"rope_parameters.partial_rotary_factor: {factor} x head_dim {f['head_dim']} "
+                                  f"is not a whole number of dims")
+            rotary_dim = int(rotary_dim)
     f.update(
         layer_types=tuple(types),
         rotary_dim=rotary_dim,
-        rope_theta=float(theta),
-        linear_attn_alpha=float(d.get("linear_attn_alpha_factor", 1.0)),
-        linear_attn_beta=float(d.get("linear_attn_beta_factor", 1.0)),
-        full_attn_alpha=float(d.get("full_attn_alpha_factor", 1.0)),
-        full_attn_beta=float(d.get("full_attn_beta_factor", 1.0)),
-        mlp_alpha=float(d.get("mlp_alpha_factor", 1.0)),
-        mlp_beta=float(d.get("mlp_beta_factor", 1.0)),
+        rope_theta=_number({"rope_parameters.rope_theta": theta}, "rope_parameters.rope_theta"),
+        linear_attn_alpha=_number(d, "linear_attn_alpha_factor", 1.0),
+        linear_attn_beta=_number(d, "linear_attn_beta_factor", 1.0),
+        full_attn_alpha=_number(d, "full_attn_alpha_factor", 1.0),
+        full_attn_beta=_number(d, "full_attn_beta_factor", 1.0),
+        mlp_alpha=_number(d, "mlp_alpha_factor", 1.0),
+        mlp_beta=_number(d, "mlp_beta_factor", 1.0),
         postnorm=bool(d.get("postnorm", True)),
     )
     return f

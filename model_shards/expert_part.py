@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from kernels.experts import grouped_swiglu
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+
+log = logging.getLogger("m1serve.loading")
 
 
 def expert_range(num_experts: int, num_shards: int, shard: int) -> tuple[int, int]:
@@ -28,10 +33,14 @@ class ExpertPart:
     @classmethod
     def load(cls, ckpt: Checkpoint, cfg: ModelConfig, first: int, last: int, dtype=torch.float32, device="cpu"):
         w13, w2 = [], []
+        t0, step = time.monotonic(), max(1, cfg.num_hidden_layers // 10)
         for layer in range(cfg.num_hidden_layers):
             a, b = ckpt.load_experts(cfg, layer, first, last)
             w13.append(a.to(device=device, dtype=dtype))
             w2.append(b.to(device=device, dtype=dtype))
+            if (layer + 1) % step == 0 or layer + 1 == cfg.num_hidden_layers:
+                log.info("experts %d..%d: layer %d/%d loaded, %.2f GB read in %.1fs", first, last - 1, layer + 1,
+                         cfg.num_hidden_layers, ckpt.bytes_read / 1e9, time.monotonic() - t0)
         return cls(cfg, first, last, w13, w2)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +13,8 @@ from .config import ModelConfig
 from .expert_part import ExpertPart
 from .router_part import RouterPart
 
+log = logging.getLogger("m1serve.loading")
+
 
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -19,10 +23,14 @@ def default_dtype(device) -> torch.dtype:
 def load_router_part(path: str | Path, dtype=None, device="cpu") -> RouterPart:
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
+    t0 = time.monotonic()
+    log.info("router part: loading %s", path)
     try:
-        return RouterPart(cfg, ckpt.load_router_part(cfg), dtype or default_dtype(device), device)
+        router = RouterPart(cfg, ckpt.load_router_part(cfg), dtype or default_dtype(device), device)
     finally:
         ckpt.close()
+    log.info("router part: %.2f GB read in %.1fs", ckpt.bytes_read / 1e9, time.monotonic() - t0)
+    return router
 
 
 def load_expert_part(path: str | Path, first: int | None = None, last: int | None = None, dtype=None,

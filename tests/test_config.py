@@ -389,10 +389,6 @@ WRONG_TYPES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py: float(...) / comparisons on unvalidated values in "
-                   "_common_fields (rms_norm_eps), _original_fields (rope_theta, layernorm_*), _no_shared_experts "
-                   "(shared_intermediate_size > 0) and validate (rotary_dim None) raise bare ValueError/TypeError "
-                   "that do not name the field, instead of ConfigError")
 @pytest.mark.parametrize("flavour, key, value", WRONG_TYPES)
 def test_wrongly_typed_value_is_config_error(flavour, key, value):
     d = FLAVOURS[flavour]()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import MODEL_CASES, Runner, random_ids, rel_err, write_transformers_naming
+from conftest import MODEL_CASES, Runner, random_ids, rel_err
 from model_shards.expert_part import expert_range
 from model_shards.loading import load_expert_part, load_router_part
 

@@ -17,8 +17,6 @@ Every error answers `{"error": {"message", "type", "param", "code"}}` with:
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,8 +26,6 @@ from model_shards.tokenizer import TokenizerError
 
 from ..engine.engine import EngineUnavailable, QueueFull
 from ..engine.sampling import InvalidRequest
-
-log = logging.getLogger("m1serve.api")
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 INTERNAL_MESSAGE = "The server had an internal error while processing the request."
@@ -52,10 +48,15 @@ class APIError(Exception):
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
-def generation_failed() -> APIError:
-    """A request the engine finished with "error" (shard failure) or "abort" (shutdown)."""
-    return APIError(503, "Generation failed in the model backend; retry the request.", "server_error",
-                    code="generation_failed")
+def generation_failed(out=None) -> APIError:
+    """A request the engine finished with "error" (shard failure) or "abort" (shutdown). The engine's messages are
+    written for users; those of unexpected exceptions ("internal error: ...") stay in the server log."""
+    message = "Generation failed in the model backend; retry the request."
+    if out is not None and out.finish_reason == "abort":
+        message = "The server is shutting down; retry the request."
+    elif out is not None and out.error and not out.error.startswith("internal error"):
+        message = f"Generation failed: {out.error}; retry the request."
+    return APIError(503, message, "server_error", code="generation_failed")
 
 
 def internal_error() -> APIError:
@@ -137,7 +138,7 @@ async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONRespons
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette's ServerErrorMiddleware sends this, then re-raises exc so the server (uvicorn, Ray Serve) logs it
     return internal_error().response()
 
 

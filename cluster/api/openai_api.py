@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 
@@ -24,12 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 
+from model_shards.tokenizer import TokenizerError
+
 from ..engine.async_engine import AsyncEngine
 from ..engine.sampling import InvalidRequest
 from ..engine.sequence import RequestOutput
 from .errors import APIError, generation_failed, install_error_handlers, internal_error
 from .openai_protocol import (ChatBuilder, ChatCompletionRequest, CompletionBuilder, CompletionRequest,
-                              TokenText, _GenerationRequest, _ResponseBuilder)
+                              GenerationRequest, ResponseBuilder, TokenText)
 
 log = logging.getLogger("m1serve.api")
 
@@ -72,6 +75,7 @@ def create_app(engine: AsyncEngine, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        body.check()
         prompt_ids = await _encode(engine, body.prompt)
         builder = CompletionBuilder(body, engine.model_name, prompt_ids, token_text)
         return await _respond(request, engine, body, prompt_ids, builder)
@@ -79,6 +83,7 @@ def create_app(engine: AsyncEngine, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        body.check()
         prompt_ids = await _render_chat(engine, body)
         builder = ChatBuilder(body, engine.model_name, prompt_ids, token_text)
         return await _respond(request, engine, body, prompt_ids, builder)
@@ -101,14 +106,16 @@ async def _render_chat(engine: AsyncEngine, body: ChatCompletionRequest) -> list
     if tokenizer is None:
         raise InvalidRequest("messages: this model has no tokenizer (and so no chat template); use /v1/completions "
                              "with token ids", "messages")
-    body.check_supported()  # before rendering: a message without content is the client's mistake, not the template's
 
     def render() -> list[int]:
         text = tokenizer.apply_chat_template(body.template_messages(), body.template_tools(),
                                              add_generation_prompt=True)
         return tokenizer.encode(text)
 
-    return await asyncio.to_thread(render)  # TokenizerError -> 400
+    try:
+        return await asyncio.to_thread(render)
+    except TokenizerError as e:
+        raise InvalidRequest(f"messages: {e}", "messages") from e
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
@@ -138,8 +145,8 @@ async def _unless_disconnected(request: Request, coro):
     return work.result()
 
 
-async def _respond(request: Request, engine: AsyncEngine, body: _GenerationRequest, prompt_ids: list[int],
-                   builder: _ResponseBuilder) -> Response:
+async def _respond(request: Request, engine: AsyncEngine, body: GenerationRequest, prompt_ids: list[int],
+                   builder: ResponseBuilder) -> Response:
     params = body.to_sampling_params(len(prompt_ids), engine.max_model_len)
     if not body.stream:
         try:
@@ -148,7 +155,7 @@ async def _respond(request: Request, engine: AsyncEngine, body: _GenerationReque
             return Response(status_code=499)  # nobody reads it
         if out.finish_reason in FAILED:
             log.error("request %s failed in the engine: %s (%s)", builder.id, out.finish_reason, out.error)
-            raise generation_failed()
+            raise generation_failed(out)
         return JSONResponse(builder.response(out))
 
     outputs = engine.stream(prompt_ids, params, builder.id)
@@ -166,7 +173,7 @@ async def _respond(request: Request, engine: AsyncEngine, body: _GenerationReque
     return EventStream(_events(builder, first, outputs))
 
 
-async def _events(builder: _ResponseBuilder, first: RequestOutput, outputs):
+async def _events(builder: ResponseBuilder, first: RequestOutput, outputs):
     try:
         for chunk in builder.preamble():
             yield _event(chunk)
@@ -174,7 +181,7 @@ async def _events(builder: _ResponseBuilder, first: RequestOutput, outputs):
         while True:
             if out.finish_reason in FAILED:
                 log.error("stream %s failed in the engine: %s (%s)", builder.id, out.finish_reason, out.error)
-                yield _event(generation_failed().body)
+                yield _event(generation_failed(out).body)
                 break
             chunk = builder.chunk(out)
             if chunk is not None:
@@ -193,7 +200,7 @@ async def _events(builder: _ResponseBuilder, first: RequestOutput, outputs):
 
 
 def _event(payload: dict) -> str:
-    return f"data: {JSONResponse(payload).body.decode()}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class EventStream(StreamingResponse):

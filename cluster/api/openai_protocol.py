@@ -38,7 +38,7 @@ def _reject(unsupported: bool, param: str, message: str) -> None:
         raise InvalidRequest(f"{param}: {message}", param)
 
 
-class _GenerationRequest(_Strict):
+class GenerationRequest(_Strict):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model: str
@@ -70,8 +70,9 @@ class _GenerationRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def check_supported(self) -> None:
-        """Raises InvalidRequest (-> 400 naming the field) for what this server does not do."""
+    def check(self) -> None:
+        """Raises InvalidRequest (-> 400 naming the field) for what this server does not do or accept. Call it
+        before to_sampling_params (the engine validates the ranges of the sampling parameters)."""
         _reject(self.n not in (None, 1), "n", "only n=1 is supported")
         for name in ("presence_penalty", "frequency_penalty"):
             _reject(getattr(self, name) not in (None, 0), name, "is not supported (only 0)")
@@ -87,8 +88,7 @@ class _GenerationRequest(_Strict):
         return None
 
     def to_sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-        """Unset max_tokens means the rest of the context (as vLLM does). The engine validates ranges."""
-        self.check_supported()
+        """Unset max_tokens means the rest of the context (as vLLM does)."""
         max_tokens = self.requested_max_tokens()
         if max_tokens is None:
             max_tokens = max(1, max_model_len - num_prompt_tokens)  # a too long prompt gets the engine's error
@@ -106,7 +106,7 @@ class _GenerationRequest(_Strict):
         )
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     # a string, token ids, or a list holding one of those; becomes `str | list[int]`
     prompt: Any = Field(...)
     logprobs: int | None = None
@@ -129,8 +129,8 @@ class CompletionRequest(_GenerationRequest):
             return value[0]
         raise ValueError("must be a string, a list of token ids, or a list holding one of those")
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check(self) -> None:
+        super().check()
         _reject(bool(self.echo), "echo", "is not supported")
         _reject(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
         _reject(bool(self.suffix), "suffix", "is not supported")
@@ -173,7 +173,7 @@ class ChatMessage(_Strict):
         return message
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -182,8 +182,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Any = None  # accepted; tool calls are not parsed from the output yet
     response_format: dict[str, Any] | None = None
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check(self) -> None:
+        super().check()
         _reject(self.top_logprobs is not None and not self.logprobs, "top_logprobs",
                 "requires logprobs to be true")
         _reject(self.response_format is not None and self.response_format.get("type") != "text", "response_format",
@@ -257,14 +257,14 @@ def usage(out: RequestOutput) -> dict:
 
 
 # ---- responses -----------------------------------------------------------------------------------------------------
-class _ResponseBuilder:
+class ResponseBuilder:
     """Builds one request's response, or its stream chunks one engine output at a time."""
 
     id_prefix = ""
     response_object = ""
     chunk_object = ""
 
-    def __init__(self, request: _GenerationRequest, model: str, prompt_ids: list[int], token_text: TokenText):
+    def __init__(self, request: GenerationRequest, model: str, prompt_ids: list[int], token_text: TokenText):
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
@@ -290,6 +290,16 @@ class _ResponseBuilder:
         """An output with no text (a token held back or mid-character) is only sent when its ids/logprobs count."""
         return not out.text and not out.finished and not (self.return_token_ids or self.want_logprobs)
 
+    def _choice(self, out: RequestOutput, **body) -> dict:
+        choice = {"index": 0, **body, "logprobs": self._logprobs(out.logprobs) if self.want_logprobs else None,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        if self.return_token_ids:
+            choice["token_ids"] = list(out.token_ids)
+        return choice
+
+    def _logprobs(self, entries: list[TokenLogprobs]) -> dict:
+        raise NotImplementedError
+
     def usage_chunk(self, out: RequestOutput) -> dict:
         return self._envelope(self.chunk_object, [], usage=usage(out))
 
@@ -304,12 +314,12 @@ class _ResponseBuilder:
         raise NotImplementedError
 
 
-class CompletionBuilder(_ResponseBuilder):
+class CompletionBuilder(ResponseBuilder):
     id_prefix = "cmpl"
     response_object = chunk_object = "text_completion"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._text_offset = 0  # text_offset of the next token (continues across stream chunks)
 
     def _logprobs(self, entries: list[TokenLogprobs]) -> dict:
@@ -319,32 +329,30 @@ class CompletionBuilder(_ResponseBuilder):
             tokens.append(text)
             token_logprobs.append(_logprob(e.logprob))
             top = {text: _logprob(e.logprob)}  # the chosen token and its alternatives, as vLLM reports them
-            top.update((self.token_text(t)[0], _logprob(v)) for t, v in e.top)
+            for t, v in e.top:  # best first; tokens whose text is the same (say "\ufffd") keep the first value
+                top.setdefault(self.token_text(t)[0], _logprob(v))
             top_logprobs.append(top)
             text_offset.append(self._text_offset)
             self._text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": text_offset}
 
-    def _choice(self, out: RequestOutput, prompt_ids: list[int] | None) -> dict:
-        choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.logprobs) if self.want_logprobs else None,
-                  "finish_reason": out.finish_reason if out.finished else None}
-        if self.return_token_ids:
-            if prompt_ids is not None:
-                choice["prompt_token_ids"] = prompt_ids
-            choice["token_ids"] = list(out.token_ids)
+    def _text_choice(self, out: RequestOutput, prompt_ids: list[int] | None) -> dict:
+        choice = self._choice(out, text=out.text)
+        if self.return_token_ids and prompt_ids is not None:
+            choice["prompt_token_ids"] = prompt_ids
         return choice
 
     def response(self, out: RequestOutput) -> dict:
-        return self._envelope(self.response_object, [self._choice(out, self.prompt_ids)], usage=usage(out))
+        return self._envelope(self.response_object, [self._text_choice(out, self.prompt_ids)], usage=usage(out))
 
     def chunk(self, out: RequestOutput) -> dict | None:
         if self._skip(out):
             return None
-        return self._envelope(self.chunk_object, [self._choice(out, self._first_prompt_ids())])
+        return self._envelope(self.chunk_object, [self._text_choice(out, self._first_prompt_ids())])
 
 
-class ChatBuilder(_ResponseBuilder):
+class ChatBuilder(ResponseBuilder):
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
@@ -357,15 +365,8 @@ class ChatBuilder(_ResponseBuilder):
         return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, v) for t, v in e.top]}
                             for e in entries]}
 
-    def _choice(self, out: RequestOutput, body_key: str, body: dict) -> dict:
-        choice = {"index": 0, body_key: body, "logprobs": self._logprobs(out.logprobs) if self.want_logprobs else None,
-                  "finish_reason": out.finish_reason if out.finished else None}
-        if self.return_token_ids:
-            choice["token_ids"] = list(out.token_ids)
-        return choice
-
     def response(self, out: RequestOutput) -> dict:
-        choice = self._choice(out, "message", {"role": "assistant", "content": out.text})
+        choice = self._choice(out, message={"role": "assistant", "content": out.text})
         extra = {"prompt_token_ids": self.prompt_ids} if self.return_token_ids else {}
         return self._envelope(self.response_object, [choice], usage=usage(out), **extra)
 
@@ -378,4 +379,5 @@ class ChatBuilder(_ResponseBuilder):
     def chunk(self, out: RequestOutput) -> dict | None:
         if self._skip(out):
             return None
-        return self._envelope(self.chunk_object, [self._choice(out, "delta", {"content": out.text} if out.text else {})])
+        delta = {"content": out.text} if out.text else {}
+        return self._envelope(self.chunk_object, [self._choice(out, delta=delta)])

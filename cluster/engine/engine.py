@@ -147,7 +147,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._stopping = False
-        self.error: str | None = None  # why the shard group is down, while it is
+        self.error: str | None = None  # why the shard group is down, while it is (details go to the log)
         self.counters = defaultdict(int)
         self._thread = threading.Thread(target=self._loop, name="m1serve-engine", daemon=True)
         if start:
@@ -184,7 +184,7 @@ class Engine:
         if self._stopping:
             raise EngineUnavailable("the engine is shutting down")
         if self.error is not None:
-            raise EngineUnavailable(f"expert shards are unavailable: {self.error}")
+            raise EngineUnavailable(f"expert shards are unavailable ({self.error}); the group is being re-formed")
         queued = len(self.scheduler.waiting) + self._inbox.qsize()
         if queued >= self.config.max_queue_len:
             raise QueueFull(f"{queued} requests are queued (max_queue_len={self.config.max_queue_len})")
@@ -279,7 +279,7 @@ class Engine:
         kind, arg = cmd
         if kind == "add":
             if self.error is not None:
-                self._finish(arg, "error", f"expert shards are unavailable: {self.error}")
+                self._finish(arg, "error", f"expert shards are unavailable ({self.error})")
             else:
                 self._seqs[arg.request_id] = arg
                 self.scheduler.add(arg)
@@ -303,8 +303,8 @@ class Engine:
             logits = self.model(batch, self.cache, self.experts.moe, timer=self.profile)
         except DispatchError as e:
             log.error("expert-shard group failed: %s", e)
-            self.error = str(e)
-            self._fail_running(f"expert shard failure: {e}")
+            self.error = "an expert shard failed or timed out"
+            self._fail_running("an expert shard failed or timed out during this request")
             return
         for c in plan:
             c.seq.num_cached += len(c.chunk.token_ids)
@@ -403,7 +403,7 @@ class Engine:
             self.experts.restart()
         except Exception as e:
             log.error("re-forming the expert-shard group failed: %s", e)
-            self._fail_all(f"expert shards are unavailable: {e}")
+            self._fail_all("expert shards are unavailable (re-forming the group failed)")
             time.sleep(1.0)
             return
         log.info("expert-shard group re-formed")
