@@ -92,29 +92,38 @@ def correctness_gate() -> dict:
     lens = [1, 5, 64, 65, 300, 1000]
     T = sum(lens)
     q, k, v = act(T, H, D), act(T, H, D), act(T, H, D)
-    pool = torch.randn(9, H, D, D, device=DEV) * 0.1
-    pool[3] = 0
+    pool0 = torch.randn(9, H, D, D, device=DEV) * 0.1
+    pool0[3] = 0
     slots = torch.tensor([6, 1, 3, 8, 0, 4], device=DEV)
-    pool0 = pool.clone()
-    out = torch.full_like(q, float("nan"))
-    lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots, out=out)
-    torch.cuda.synchronize()
-    eo, es, start = [], [], 0
     qc, kc, vc, sc = q.cpu(), k.cpu(), v.cpu(), slopes.cpu()
-    refs = []
+    refs, s_refs, start = [], [], 0
     for n, slot in zip(lens, slots.tolist()):
         sl = slice(start, start + n)
         o_ref, s_ref = lightning_recurrence(qc[sl].transpose(0, 1), kc[sl].transpose(0, 1), vc[sl].transpose(0, 1),
                                             sc, pool0[slot].cpu())
         refs.append(o_ref.transpose(0, 1))
-        eo.append(rel(out[sl].cpu(), o_ref.transpose(0, 1)))
-        es.append(rel(pool[slot].cpu(), s_ref))
+        s_refs.append(s_ref)
         start += n
-    res["prefill_all_written"] = bool(torch.isfinite(out).all())
+    eo, es, written, untouched = [], [], [], []
+    for cfg in ({}, {"segment": 256}, {"segment": 128, "block_v": 128}):  # default, and the segmented path forced
+        pool = pool0.clone()
+        out = torch.full_like(q, float("nan"))
+        lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots, out=out, **cfg)
+        torch.cuda.synchronize()
+        written.append(bool(torch.isfinite(out).all()))
+        untouched.append(bool(torch.equal(pool[[2, 5, 7]], pool0[[2, 5, 7]])))
+        start = 0
+        for n, slot, o_ref, s_ref in zip(lens, slots.tolist(), refs, s_refs):
+            eo.append(rel(out[start:start + n].cpu(), o_ref))
+            es.append(rel(pool[slot].cpu(), s_ref))
+            start += n
+    res["prefill_all_written"] = all(written)
     res["prefill_o_relL2_max"] = max(eo)
     res["prefill_state_relL2_max"] = max(es)
     res["prefill_o_relL2_all"] = rel(out.cpu(), torch.cat(refs))
-    res["prefill_untouched"] = bool(torch.equal(pool[[2, 5, 7]], pool0[[2, 5, 7]]))
+    res["prefill_untouched"] = all(untouched)
+    pool = pool0.clone()
+    out = lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots)
     if chunk_simple_gla is not None:
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=DEV)
         with torch.no_grad():
@@ -305,10 +314,15 @@ def tune(log) -> dict:
     # prefill
     # num_stages=1 with block_v=32 miscompiles under triton 3.6 (wrong results / illegal address, seen on H200),
     # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept.
-    cfgs = ([dict(chunk=64, block_v=bv, num_warps=w, num_stages=s) for bv in (32, 64, 128) for w in (4, 8)
-             for s in (2, 3)]
-            + [dict(chunk=128, block_v=bv, num_warps=w, num_stages=2) for bv in (64, 128) for w in (4, 8)])
-    for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("pack 16x2K", [2048] * 16)]:
+    single = ([dict(block_v=64, segment=L) for L in (0, 1024, 2048, 4096, 8192)]
+              + [dict(block_v=32, segment=0), dict(block_v=128, segment=2048), dict(block_v=64, num_warps=4)]
+              + [dict(block_v=64, segment=2048, num_stages=2), dict(chunk=128, block_v=64, segment=2048,
+                                                                      num_stages=2)])
+    packed = [dict(block_v=bv, num_warps=w, num_stages=st, segment=0) for bv in (64, 128) for w in (4, 8)
+              for st in (2, 3)]
+    for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("single 128K", [131072]),
+                       ("pack 16x2K", [2048] * 16)]:
+        cfgs = packed if len(lens) > 1 else single
         case = PrefillCase(lens)
         rows = []
         for cfg in cfgs:

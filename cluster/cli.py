@@ -102,7 +102,8 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options=HTTPOptions(host=args.host, port=args.http_port),
+        # one proxy, on the head node: the router is a single replica, and nodes sharing a host can't share ports
+        serve.start(proxy_location="HeadOnly", http_options=HTTPOptions(host=args.host, port=args.http_port),
                     grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
         print("m1serve: loading the model and forming the expert-shard group ...", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")

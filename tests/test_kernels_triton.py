@@ -62,19 +62,25 @@ def _run_checks() -> dict:
     pool[0] = 0  # a fresh sequence
     pool0 = pool.clone()
     ref_pool = pool.clone()
-    out = torch.full_like(q, float("nan"))
-    lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots, out=out)
-    res["prefill_all_written"] = bool(torch.isfinite(out).all())
-    errs_o, errs_s, start = [], [], 0
-    for n, slot in zip(lens, slots.tolist()):
-        o_ref, s_ref = recurrence(q[start:start + n], k[start:start + n], v[start:start + n], pool0[slot])
-        errs_o.append(_rel(out[start:start + n], o_ref))
-        errs_s.append(_rel(pool[slot], s_ref))
-        start += n
+    other = [i for i in range(10) if i not in slots.tolist()]
+    # one program per sequence; long sequences cut into 64- and 128-token segments (segment pass + scan + main)
+    errs_o, errs_s, written, untouched = [], [], [], []
+    for cfg in ({"segment": 0}, {"segment": 64}, {"segment": 128, "block_v": 16}):
+        pool = pool0.clone()
+        out = torch.full_like(q, float("nan"))
+        lightning_prefill_varlen(q, k, v, slopes, pool, lens, slots, out=out, **cfg)
+        written.append(bool(torch.isfinite(out).all()))
+        untouched.append(bool(torch.equal(pool[other], pool0[other])))
+        start = 0
+        for n, slot in zip(lens, slots.tolist()):
+            o_ref, s_ref = recurrence(q[start:start + n], k[start:start + n], v[start:start + n], pool0[slot])
+            errs_o.append(_rel(out[start:start + n], o_ref))
+            errs_s.append(_rel(pool[slot], s_ref))
+            start += n
+    res["prefill_all_written"] = all(written)
     res["prefill_o_err"] = max(errs_o)
     res["prefill_state_err"] = max(errs_s)
-    other = [i for i in range(10) if i not in slots.tolist()]
-    res["prefill_other_slots_untouched"] = bool(torch.equal(pool[other], pool0[other]))
+    res["prefill_other_slots_untouched"] = all(untouched)
     o_blk = lightning_attention(q, k, v, slopes, ref_pool, lens, slots)
     res["prefill_vs_blockwise_ref"] = _rel(out, o_blk)
 

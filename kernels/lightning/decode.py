@@ -39,7 +39,7 @@ def _decode_kernel(q, k, v, o, slopes, pool, slots,
 
 
 def default_decode_config(head_dim: int) -> dict:
-    return dict(block_v=min(32, head_dim), num_warps=4)
+    return dict(block_v=min(64, head_dim), num_warps=4)
 
 
 def lightning_decode_pool(q, k, v, slopes, state_pool, slot_ids, out=None, **config):

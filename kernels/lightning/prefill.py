@@ -32,7 +32,8 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
                     seq_start, seq_len, seq_slot,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_ps, stride_ph,
-                    D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+                    D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+                    STORE_STATE: tl.constexpr):
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     i_n = tl.program_id(2)
@@ -78,16 +79,101 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
         S = S * tl.exp(-s * m.to(tl.float32))
         S = tl.dot(tl.trans(kd), vc, S)
 
+    if STORE_STATE:
+        tl.store(s_ptrs, S, mask=has_slot)
+
+
+@triton.jit
+def _segment_state_kernel(k, v, slopes, ws, seg_start, seg_len,
+                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ws, stride_wh,
+                          D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    """U = sum_j lambda^(n-1-j) k_j^T v_j over one segment (its state contribution from a zero start) -> ws."""
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_w = tl.program_id(2)
+    start = tl.load(seg_start + i_w).to(tl.int64)
+    n = tl.load(seg_len + i_w)
+    s = tl.load(slopes + i_h).to(tl.float32)
+    rk = tl.arange(0, D)
+    rv = i_v * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    k_base = k + start * stride_kt + i_h * stride_kh
+    v_base = v + start * stride_vt + i_h * stride_vh
+    U = tl.zeros([D, BV], dtype=tl.float32)
+    for c0 in range(0, n, C):
+        rows = c0 + rc
+        row_ok = (rows < n)[:, None]
+        kc = tl.load(k_base + rows[:, None] * stride_kt + rk[None, :], mask=row_ok, other=0.0).to(DT)
+        vc = tl.load(v_base + rows[:, None] * stride_vt + rv[None, :], mask=row_ok, other=0.0).to(DT)
+        m = tl.minimum(n - c0, C)
+        k_decay = tl.exp(-s * tl.maximum(m - 1 - rc, 0).to(tl.float32))
+        U = U * tl.exp(-s * m.to(tl.float32))
+        U = tl.dot(tl.trans((kc * k_decay[:, None]).to(DT)), vc, U)
+    tl.store(ws + tl.cast(i_w, tl.int64) * stride_ws + i_h * stride_wh + rk[:, None] * D + rv[None, :], U)
+
+
+@triton.jit
+def _segment_scan_kernel(slopes, pool, ws, seq_slot, seq_first, seq_count, seg_len,
+                         stride_ps, stride_ph, stride_ws, stride_wh,
+                         D: tl.constexpr, BV: tl.constexpr):
+    """Per sequence, in segment order: ws[g] <- state at the start of segment g; pool[slot] <- final state."""
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.program_id(2)
+    slot = tl.load(seq_slot + i_n).to(tl.int64)
+    first = tl.load(seq_first + i_n)
+    count = tl.load(seq_count + i_n)
+    s = tl.load(slopes + i_h).to(tl.float32)
+    rk = tl.arange(0, D)
+    rv = i_v * BV + tl.arange(0, BV)
+    tile = rk[:, None] * D + rv[None, :]
+    has_slot = (rk[:, None] * 0 + rv[None, :] * 0 + slot) >= 0
+    s_ptrs = pool + slot * stride_ps + i_h * stride_ph + tile
+    S = tl.load(s_ptrs, mask=has_slot, other=0.0)
+    for g in range(first, first + count):
+        w_ptrs = ws + tl.cast(g, tl.int64) * stride_ws + i_h * stride_wh + tile
+        U = tl.load(w_ptrs)
+        tl.store(w_ptrs, S)
+        S = S * tl.exp(-s * tl.load(seg_len + g).to(tl.float32)) + U
     tl.store(s_ptrs, S, mask=has_slot)
 
 
 def default_prefill_config(head_dim: int) -> dict:
-    return dict(chunk=64, block_v=min(64, head_dim), num_warps=4, num_stages=2)
+    # segment=None: split long sequences when there are too few (sequence, head, value-slice) programs to fill the
+    # GPU; 0: never; L > 0: always, into segments of L tokens (a multiple of the chunk).
+    # block_v=None: 128 (whole rows: q/k read once) when there are many sequences, else 64 (twice the programs).
+    return dict(chunk=64, block_v=None, num_warps=8, num_stages=3, segment=None)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def _segment_length(seq_lens, H, NV, C, sm_count) -> int:
+    """Tokens per segment so that about 8 programs per SM exist, or 0 when the sequences alone are enough."""
+    programs = len(seq_lens) * H * NV
+    if programs >= 4 * sm_count:
+        return 0
+    L = sum(seq_lens) * H * NV // (8 * sm_count)
+    L = max(1024, (L + C - 1) // C * C)
+    return L if max(seq_lens) > L else 0
 
 
 def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], slot_ids, out=None, **config):
     """q/k/v [T, H, D] packed (lengths seq_lens, last dim contiguous), slopes [H], state_pool [slots, H, D, D] fp32,
-    slot_ids [N] (LongTensor on q's device; -1 = no state). Updates the pool in place; returns o [T, H, D]."""
+    slot_ids [N] (LongTensor on q's device; -1 = no state). Updates the pool in place; returns o [T, H, D].
+
+    Few long sequences leave most SMs idle (one program walks a whole sequence), so they are cut into segments:
+    a first pass computes each segment's state contribution from k/v alone, a tiny scan turns those into each
+    segment's start state (and the final state), and the main kernel then runs all segments in parallel. That
+    reads k/v twice but keeps every SM busy."""
     T, H, D = q.shape
     cfg = default_prefill_config(D)
     cfg.update(config)
@@ -99,22 +185,54 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
     assert state_pool.dtype == torch.float32 and state_pool.stride(-1) == 1 and state_pool.stride(-2) == D
     for t in (q, k, v, out):
         assert t.stride(-1) == 1
-    # Longest sequences first so the tail of the grid is made of short programs.
-    order = sorted(range(N), key=lambda i: -seq_lens[i])
-    starts = [0] * N
-    acc = 0
-    for i, n in enumerate(seq_lens):
-        starts[i] = acc
-        acc += n
-    meta = torch.tensor([[starts[i] for i in order], [seq_lens[i] for i in order], order], dtype=torch.int32)
-    meta = meta.to(q.device, non_blocking=True)
-    slots = torch.as_tensor(slot_ids, device=q.device).to(torch.int32)[meta[2].long()]
+    C, BV = cfg["chunk"], cfg["block_v"]
+    if BV is None:
+        BV = min(D, 128 if N * H >= 4 * _sm_count(q.device) else 64)
+    NV = triton.cdiv(D, BV)
+    seg = cfg["segment"]
+    if seg is None:
+        seg = _segment_length(seq_lens, H, NV, C, _sm_count(q.device))
+    elif seg:
+        seg = (seg + C - 1) // C * C
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
-    BV = cfg["block_v"]
-    grid = (triton.cdiv(D, BV), H, N)
-    _prefill_kernel[grid](
-        q, k, v, out, slopes, state_pool, meta[0], meta[1], slots,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        state_pool.stride(0), state_pool.stride(1),
-        D=D, BV=BV, C=cfg["chunk"], DT=dot_dtype(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    slot_ids = torch.as_tensor(slot_ids, device=q.device).to(torch.int32)
+    DT = dot_dtype(q.dtype)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+               out.stride(1))
+    starts, acc = [], 0
+    for n in seq_lens:
+        starts.append(acc)
+        acc += n
+
+    if not seg:
+        # Longest sequences first so the tail of the grid is made of short programs.
+        order = sorted(range(N), key=lambda i: -seq_lens[i])
+        meta = torch.tensor([[starts[i] for i in order], [seq_lens[i] for i in order], order], dtype=torch.int32)
+        meta = meta.to(q.device, non_blocking=True)
+        _prefill_kernel[(NV, H, N)](
+            q, k, v, out, slopes, state_pool, meta[0], meta[1], slot_ids[meta[2].long()], *strides,
+            state_pool.stride(0), state_pool.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=True, **launch)
+        return out
+
+    seg_start, seg_len, first, count = [], [], [], []
+    for st, n in zip(starts, seq_lens):
+        first.append(len(seg_start))
+        for a in range(st, st + n, seg):
+            seg_start.append(a)
+            seg_len.append(min(seg, st + n - a))
+        count.append(len(seg_start) - first[-1])
+    W = len(seg_start)
+    segs = torch.tensor([seg_start, seg_len, list(range(W))], dtype=torch.int32).to(q.device, non_blocking=True)
+    seqs = torch.tensor([first, count], dtype=torch.int32).to(q.device, non_blocking=True)
+    ws = torch.empty(W, H, D, D, device=q.device, dtype=torch.float32)
+    _segment_state_kernel[(NV, H, W)](
+        k, v, slopes, ws, segs[0], segs[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ws.stride(0), ws.stride(1), D=D, BV=BV, C=C, DT=DT, **launch)
+    _segment_scan_kernel[(NV, H, N)](
+        slopes, state_pool, ws, slot_ids, seqs[0], seqs[1], segs[1], state_pool.stride(0), state_pool.stride(1),
+        ws.stride(0), ws.stride(1), D=D, BV=BV, num_warps=4)
+    _prefill_kernel[(NV, H, W)](
+        q, k, v, out, slopes, ws, segs[0], segs[1], segs[2], *strides,
+        ws.stride(0), ws.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=False, **launch)
     return out
