@@ -40,6 +40,8 @@ class AppArgs(BaseModel):
     cache_memory_gb: float | None = Field(None, gt=0)
     collective_timeout_s: float = Field(30.0, gt=0)
     api_key_env: str | None = Field("M1SERVE_API_KEY", description="env var holding the API key (unset: no auth)")
+    per_layer_expert_metrics: bool = Field(False, description="export tokens per (layer, expert): layers x experts "
+                                                              "series")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for every replica")
 
     @model_validator(mode="after")
@@ -79,4 +81,4 @@ def build_app(args: AppArgs | dict) -> Application:
         health_check_period_s=5, health_check_timeout_s=30,
         ray_actor_options={"num_cpus": args.router_cpus, "num_gpus": args.router_gpus, "runtime_env": runtime_env},
     )
-    return router.bind(args.model, shards, engine, name, args.api_key_env)
+    return router.bind(args.model, shards, engine, name, args.api_key_env, args.per_layer_expert_metrics)

@@ -22,6 +22,7 @@ from model_shards.loading import load_expert_part
 
 from .engine.async_engine import AsyncEngine
 from .engine.engine import DTYPES, Engine, EngineConfig
+from .metrics import Metrics
 from .ray_shard_group import RayShardGroup
 from .shard_group import serve_experts
 
@@ -59,6 +60,9 @@ class ExpertShard:
         t0 = time.monotonic()
         self.experts = load_expert_part(model, self.first, self.last, dt, self.device)
         log.info("shard %d: experts %d..%d loaded in %.1fs", shard, self.first, self.last - 1, time.monotonic() - t0)
+        metrics = Metrics("ray")
+        shard_label = str(shard)
+        self._observe_compute = lambda s: metrics.record("m1serve_shard_compute_seconds", s, shard=shard_label)
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.groups_joined = 0
@@ -75,7 +79,7 @@ class ExpertShard:
         def run():
             try:
                 serve_experts(self.experts, self.cfg, rank, world_size, host, port, self.device, timeout_s,
-                              join_timeout_s)
+                              join_timeout_s, self._observe_compute)
                 self.last_error = None
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -97,12 +101,13 @@ class Router:
     """The engine (scheduler, attention, gates, LM head) behind the OpenAI HTTP API and the gRPC service."""
 
     async def __init__(self, model: str, shards: list, engine: dict, model_name: str, api_key_env: str | None = None,
-                       group_down_grace_s: float = 120.0):
+                       per_layer_expert_metrics: bool = False, group_down_grace_s: float = 120.0):
         setup_logging()
         device = replica_device()
         config = EngineConfig(model=model, expert_shards=len(shards), device=str(device), **engine)
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.group_down_grace_s = group_down_grace_s
+        self.metrics = Metrics("ray", per_layer_experts=per_layer_expert_metrics)
 
         def build() -> Engine:
             experts = None
@@ -111,7 +116,7 @@ class Router:
                 experts = RayShardGroup(shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
                                         device, ray.util.get_node_ip_address(), config.collective_timeout_s,
                                         padded_max_rows=config.padded_dispatch_max_rows)
-            return Engine(config, experts=experts)
+            return Engine(config, experts=experts, metrics=self.metrics)
 
         self.engine = await asyncio.to_thread(build)
         self.async_engine = AsyncEngine(self.engine, model_name)
@@ -120,17 +125,17 @@ class Router:
     def __serve_build_asgi_app__(self):
         from .api.openai_api import create_app
 
-        return create_app(self.async_engine, api_key=self.api_key)
+        return create_app(self.async_engine, api_key=self.api_key, metrics=self.metrics)
 
     async def Generate(self, request, grpc_context=None):
         from .api import grpc_service
 
-        return await grpc_service.generate(self.async_engine, request, grpc_context)
+        return await grpc_service.generate(self.async_engine, request, grpc_context, self.metrics)
 
     async def GenerateStream(self, request, grpc_context=None):
         from .api import grpc_service
 
-        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context):
+        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context, self.metrics):
             yield response
 
     def stats(self) -> dict:

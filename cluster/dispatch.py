@@ -120,7 +120,8 @@ class RouterDispatcher:
         self.times.dispatch += t2 - t0
         self.times.experts += t3 - t2
         self.times.combine += t4 - t3
-        self.times.samples.append(t4 - t0)
+        if self.device.type != "cuda" or self.sync_timing:  # unsynced GPU times would be launch times
+            self.times.samples.append(t4 - t0)
         self.times.layers += 1
         return out
 
@@ -129,13 +130,14 @@ class RouterDispatcher:
 class ShardWorker:
     """Shard side: follows the router's headers until told to shut down (or the group breaks)."""
 
-    def __init__(self, experts, num_layers: int, hidden: int, top_k: int, dtype, device):
+    def __init__(self, experts, num_layers: int, hidden: int, top_k: int, dtype, device, observe_compute=None):
         self.experts, self.num_layers, self.hidden, self.top_k = experts, num_layers, hidden, top_k
         self.dtype, self.device = dtype, torch.device(device)
         self.width = hidden + meta_columns(dtype, top_k)
         self.world = dist.get_world_size()
         self.compute_seconds = 0.0
         self.tokens_computed = 0
+        self.observe_compute = observe_compute  # called with each layer's compute seconds
 
     def serve(self) -> None:
         while True:
@@ -161,7 +163,10 @@ class ShardWorker:
         t0 = time.perf_counter()
         x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
         y = self.experts.forward(layer, x, ids, weights.to(self.dtype))
-        self.compute_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.compute_seconds += seconds
+        if self.observe_compute is not None:
+            self.observe_compute(seconds)
         self.tokens_computed += n
         _collective(dist.all_to_all_single, x.new_empty(0, self.hidden), y, [0] * W, [n] + [0] * (W - 1))
 

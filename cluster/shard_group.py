@@ -79,14 +79,14 @@ def shard_store(host: str, port: int, world_size: int, join_timeout_s: float) ->
 
 
 def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: int, host: str, port: int,
-                  device: torch.device, timeout_s: float, join_timeout_s: float) -> None:
+                  device: torch.device, timeout_s: float, join_timeout_s: float, observe_compute=None) -> None:
     """A shard's life in one group: join, follow the router until shutdown or failure, leave the group."""
     join_group(rank, world_size, shard_store(host, port, world_size, join_timeout_s), device, timeout_s,
                join_timeout_s)
     try:
         with torch.inference_mode():
             ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok,
-                        experts.w2[0].dtype, device).serve()
+                        experts.w2[0].dtype, device, observe_compute).serve()
     finally:
         try:
             dist.destroy_process_group()

@@ -370,7 +370,7 @@ class FailingEngine:
             raise self.raise_exc
         async for out in self.real.stream(prompt, params, request_id):
             if out.finished and self.finish:
-                out.finish_reason, out.error = self.finish, "expert shard failure: secret detail"
+                out.finish_reason, out.error = self.finish, "internal error: RuntimeError: secret detail"
             yield out
 
     async def generate(self, prompt, params, request_id=None):

@@ -37,6 +37,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineUnavailable, QueueFull
 from cluster.engine.sampling import InvalidRequest, SamplingParams, TokenLogprobs
 from cluster.engine.sequence import RequestOutput
+from cluster.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,10 @@ def _to_grpc_error(e: Exception) -> GrpcError:
     return GrpcError(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
-def _report(context, e: Exception) -> None:
+def _report(context, e: Exception, metrics: Metrics | None) -> None:
     err = _to_grpc_error(e)
+    if metrics is not None:
+        metrics.request_error(err.code.name)
     if context is None:
         raise err from (None if err is e else e)
     context.set_code(err.code)
@@ -133,7 +136,8 @@ def _ids(request: pb.GenerateRequest) -> tuple[str, str]:
 
 
 # ---- handlers ------------------------------------------------------------------------------------------------------
-async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=None) -> pb.GenerateResponse:
+async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=None,
+                   metrics: Metrics | None = None) -> pb.GenerateResponse:
     """Unary Generate. On an error: sets the status on `context` and returns an empty GenerateResponse."""
     try:
         _check_model(engine, request)
@@ -145,12 +149,12 @@ async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=Non
                                    finish_reason=out.finish_reason or "", usage=_usage(out),
                                    logprobs=_logprobs(out.logprobs), request_id=client_id)
     except Exception as e:  # CancelledError (a BaseException) passes through: engine.stream aborts the request
-        _report(context, e)
+        _report(context, e, metrics)
         return pb.GenerateResponse()
 
 
-async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest,
-                          context=None) -> AsyncIterator[pb.GenerateStreamResponse]:
+async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest, context=None,
+                          metrics: Metrics | None = None) -> AsyncIterator[pb.GenerateStreamResponse]:
     """Server-streaming GenerateStream. On an error: sets the status on `context` and ends the stream. Closing this
     generator early (client cancelled) closes the engine stream, which aborts the request."""
     try:
@@ -169,7 +173,7 @@ async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest,
                     message.usage.CopyFrom(_usage(out))
                 yield message
     except Exception as e:
-        _report(context, e)
+        _report(context, e, metrics)
 
 
 # ---- plain grpc.aio server ----------------------------------------------------------------------------------------

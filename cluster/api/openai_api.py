@@ -30,6 +30,7 @@ from model_shards.tokenizer import TokenizerError
 from ..engine.async_engine import AsyncEngine
 from ..engine.sampling import InvalidRequest
 from ..engine.sequence import RequestOutput
+from ..metrics import Metrics
 from .errors import APIError, generation_failed, install_error_handlers, internal_error
 from .openai_protocol import (ChatBuilder, ChatCompletionRequest, CompletionBuilder, CompletionRequest,
                               GenerationRequest, ResponseBuilder, TokenText)
@@ -40,11 +41,12 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 FAILED = ("error", "abort")  # engine finish reasons that are failures for the client
 
 
-def create_app(engine: AsyncEngine, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               metrics: Metrics | None = None) -> FastAPI:
     app = FastAPI(title="m1serve", summary="OpenAI-compatible API for MiniMax-M1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.metrics = metrics = metrics or Metrics(None)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     token_text = TokenText(engine.tokenizer)
     started = int(time.time())
 
@@ -170,10 +172,10 @@ async def _respond(request: Request, engine: AsyncEngine, body: GenerationReques
     except _ClientGone:
         await outputs.aclose()
         return Response(status_code=499)
-    return EventStream(_events(builder, first, outputs))
+    return EventStream(_events(builder, first, outputs, request.app.state.metrics))
 
 
-async def _events(builder: ResponseBuilder, first: RequestOutput, outputs):
+async def _events(builder: ResponseBuilder, first: RequestOutput, outputs, metrics: Metrics):
     try:
         for chunk in builder.preamble():
             yield _event(chunk)
@@ -181,6 +183,7 @@ async def _events(builder: ResponseBuilder, first: RequestOutput, outputs):
         while True:
             if out.finish_reason in FAILED:
                 log.error("stream %s failed in the engine: %s (%s)", builder.id, out.finish_reason, out.error)
+                metrics.request_error(503)
                 yield _event(generation_failed(out).body)
                 break
             chunk = builder.chunk(out)
@@ -193,6 +196,7 @@ async def _events(builder: ResponseBuilder, first: RequestOutput, outputs):
             out = await outputs.__anext__()
     except Exception:
         log.exception("stream %s failed", builder.id)
+        metrics.request_error(500)
         yield _event(internal_error().body)
     finally:
         await outputs.aclose()  # aborts the engine request unless it finished
@@ -225,13 +229,14 @@ class RequestGuard:
     the body size limit (413). The body is read here and replayed to the app; later receive() calls pass through,
     so the app still sees the client's disconnect."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
         self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = self._counting_errors(send)
         headers = Headers(scope=scope)
         if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
             given = "authorization" in headers
@@ -261,6 +266,13 @@ class RequestGuard:
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
+
+    def _counting_errors(self, send):
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.request_error(message["status"])
+            await send(message)
+        return counted
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")

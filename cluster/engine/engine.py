@@ -24,6 +24,7 @@ from model_shards.loading import default_dtype, load_expert_part, load_router_pa
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 from ..dispatch import DispatchError
+from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup
 from .cache_manager import CacheManager
 from .sampling import InvalidRequest, SamplingParams, sample
@@ -116,7 +117,7 @@ class StepProfile:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, experts=None, start: bool = True):
+    def __init__(self, config: EngineConfig, experts=None, metrics: Metrics | None = None, start: bool = True):
         """experts: where the experts live (LocalExperts, ProcessShardGroup, RayShardGroup); by default local
         experts, or shard processes when config.expert_shards > 0."""
         self.config = config
@@ -142,6 +143,10 @@ class Engine:
         self.cache_manager = CacheManager(num_slots, num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.profile = StepProfile(self.device, config.profile)
+        self.metrics = metrics or Metrics(None)
+        self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
+                                          device=self.device)
+        self._bytes_reported = 0
         self.stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
         self._inbox: queue.Queue = queue.Queue()
         self._seqs: dict[str, Sequence] = {}
@@ -293,14 +298,17 @@ class Engine:
         plan, admitted = self.scheduler.schedule()
         if not plan:
             return
+        now = time.monotonic()
         for seq in admitted:
             self.cache.reset_slot(seq.slot)
+            seq.scheduled_time = now
+            self.metrics.record("m1serve_request_queue_time_seconds", now - seq.arrival_time)
         batch = ForwardBatch.build([c.chunk for c in plan], self.config.kv_block_size, self.device)
         sampling = [c for c in plan if c.samples]
         batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
         try:
             self.experts.begin_step(int(batch.input_ids.shape[0]))
-            logits = self.model(batch, self.cache, self.experts.moe, timer=self.profile)
+            logits = self.model(batch, self.cache, self._moe, timer=self.profile)
         except DispatchError as e:
             log.error("expert-shard group failed: %s", e)
             self.error = "an expert shard failed or timed out"
@@ -313,6 +321,36 @@ class Engine:
         if sampling:
             with self.profile("sampling"):
                 self._sample(sampling, logits)
+        if self.metrics.enabled:
+            self._record_step()
+
+    def _moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.metrics.enabled:
+            self._expert_counts[layer] += torch.bincount(ids.flatten(), minlength=self._expert_counts.shape[1])
+        return self.experts.moe(layer, h, ids, weights)
+
+    def _record_gauges(self) -> None:
+        m, cm = self.metrics, self.cache_manager
+        m.record("m1serve_num_requests_running", len(self.scheduler.running))
+        m.record("m1serve_num_requests_waiting", len(self.scheduler.waiting))
+        m.record("m1serve_state_slots_used", cm.slots.num_used)
+        m.record("m1serve_state_slots_total", cm.slots.total)
+        m.record("m1serve_kv_cache_usage_ratio", cm.blocks.num_used / cm.blocks.total)
+
+    def _record_step(self) -> None:
+        m = self.metrics
+        self._record_gauges()
+        shards = self.config.expert_shards or 1
+        m.expert_tokens(self._expert_counts.cpu(), self.model_config.num_local_experts // shards)
+        self._expert_counts.zero_()
+        dispatcher = getattr(self.experts, "dispatcher", None)
+        if dispatcher is not None:
+            times = dispatcher.times
+            for seconds in times.samples:
+                m.record("m1serve_dispatch_latency_seconds", seconds)
+            times.samples.clear()
+            m.record("m1serve_dispatch_bytes", times.bytes_sent - self._bytes_reported)
+            self._bytes_reported = times.bytes_sent
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
         seqs = [c.seq for c in chunks]
@@ -325,9 +363,15 @@ class Engine:
         now = time.monotonic()
         seq.output_ids.append(token)
         self.counters["generation_tokens"] += 1
+        self.metrics.record("m1serve_generation_tokens", 1)
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.counters["prompt_tokens"] += len(seq.prompt_ids)
+            self.metrics.record("m1serve_prompt_tokens", len(seq.prompt_ids))
+            self.metrics.record("m1serve_time_to_first_token_seconds", now - seq.arrival_time)
+        else:
+            self.metrics.record("m1serve_inter_token_latency_seconds", now - seq.last_token_time)
+        seq.last_token_time = now
         reason = None
         if token in seq.stop_ids:
             reason = "stop"
@@ -365,6 +409,8 @@ class Engine:
         seq.text_sent, seq.sent_prompt = end, True
         if finished:
             self.counters[f"requests_{reason}"] += 1
+            self.metrics.record("m1serve_requests", 1, finish_reason=reason)
+            self.metrics.record("m1serve_e2e_request_latency_seconds", time.monotonic() - seq.arrival_time)
         try:
             seq.sink(out)
         except Exception:  # a client that went away must not take the engine down
@@ -381,6 +427,8 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
+        if self.metrics.enabled:
+            self._record_gauges()  # a freed slot shows at once, not at the next step
 
     def _fail_running(self, message: str) -> None:
         for seq in list(self.scheduler.running):

@@ -53,7 +53,9 @@ class Sequence:
     sent_prompt: bool = False
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def all_ids(self) -> list[int]:

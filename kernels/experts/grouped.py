@@ -124,8 +124,10 @@ def default_config(rows_per_expert: float) -> dict:
     (picked from a sweep on H200 with hidden 6144 / ffn 9216, triton 3.6)."""
     if rows_per_expert <= 16:
         return dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
+    if rows_per_expert <= 32:
         return dict(BM=32, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
     return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4 if rows_per_expert <= 256 else 3)
 
 

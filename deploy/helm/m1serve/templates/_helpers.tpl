@@ -135,24 +135,24 @@ app.kubernetes.io/part-of: m1serve
       "model_name" (include "m1serve.servedModelName" .)
       "expert_shards" (int $v.shards.count)
       "router_gpus" (int $v.router.gpus)
-      "gpus_per_shard" $v.shards.gpusPerShard
-      "router_cpus" $v.router.rayCpus
-      "cpus_per_shard" $v.shards.rayCpusPerShard
+      "gpus_per_shard" (float64 $v.shards.gpusPerShard)
+      "router_cpus" (float64 $v.router.rayCpus)
+      "cpus_per_shard" (float64 $v.shards.rayCpusPerShard)
       "shard_resources" (dict (include "m1serve.shardResource" .) 1)
       "max_num_seqs" (int $m.maxNumSeqs)
       "max_num_batched_tokens" (int $m.maxNumBatchedTokens)
       "max_model_len" (int $m.maxModelLen)
       "max_queue_len" (int $m.maxQueueLen)
-      "collective_timeout_s" $m.collectiveTimeoutS
+      "collective_timeout_s" (float64 $m.collectiveTimeoutS)
       "api_key_env" "M1SERVE_API_KEY" }}
 {{- if $m.dtype }}{{- $_ := set $args "dtype" $m.dtype }}{{- end }}
 {{- if $m.expertDtype }}{{- $_ := set $args "expert_dtype" $m.expertDtype }}{{- end }}
-{{- if not (kindIs "invalid" $m.cacheMemoryGB) }}{{- $_ := set $args "cache_memory_gb" $m.cacheMemoryGB }}{{- end }}
+{{- if not (kindIs "invalid" $m.cacheMemoryGB) }}{{- $_ := set $args "cache_memory_gb" (float64 $m.cacheMemoryGB) }}{{- end }}
 {{- if $m.env }}{{- $_ := set $args "env" $m.env }}{{- end }}
 {{- $args = merge (deepCopy (default dict $m.extraArgs)) $args }}
 {{- /* The Router's actor options, as the app builder sets them, plus the custom resource that only the router pod
         has. A config override replaces ray_actor_options whole, hence num_cpus/num_gpus/runtime_env again. */}}
-{{- $routerOpts := dict "num_cpus" $v.router.rayCpus "num_gpus" (int $v.router.gpus)
+{{- $routerOpts := dict "num_cpus" (float64 $v.router.rayCpus) "num_gpus" (int $v.router.gpus)
       "resources" (dict (include "m1serve.routerResource" .) 1) }}
 {{- if $m.env }}{{- $_ := set $routerOpts "runtime_env" (dict "env_vars" $m.env) }}{{- end }}
 {{- $cfg := dict

@@ -1,0 +1,46 @@
+"""Engine metrics through the prometheus_client backend: counters match the requests, expert tokens add up."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from cluster.engine.engine import Engine, EngineConfig
+from cluster.engine.sampling import SamplingParams
+from cluster.metrics import FAMILIES, Metrics
+
+from conftest import random_ids
+from engine_helpers import tiny_model, wait_idle  # noqa: F401
+
+
+def value(registry, name: str, **labels) -> float:
+    v = registry.get_sample_value(name, labels or None)
+    return 0.0 if v is None else v
+
+
+def test_engine_metrics_count_what_was_served(tiny_model):
+    metrics = Metrics("prometheus")
+    reg = metrics.registry
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4), metrics=metrics) as engine:
+        lengths = [(5, 7), (40, 3), (1, 10)]
+        outs = [engine.generate(random_ids(p, 512, p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in lengths]
+        wait_idle(engine)
+        layers = engine.model_config.num_hidden_layers
+    prompt = sum(p for p, _ in lengths)
+    generated = sum(o.num_output_tokens for o in outs)
+    assert value(reg, "m1serve_prompt_tokens_total") == prompt
+    assert value(reg, "m1serve_generation_tokens_total") == generated == 20
+    assert value(reg, "m1serve_requests_total", finish_reason="length") == 3
+    # every token that went through the model (prompt + generated but the last) was routed to 2 experts per layer
+    processed = prompt + generated - len(lengths)
+    expert_total = sum(value(reg, "m1serve_expert_tokens_total", shard="0", expert=str(e)) for e in range(8))
+    assert expert_total == 2 * processed * layers
+    assert value(reg, "m1serve_time_to_first_token_seconds_count") == 3
+    assert value(reg, "m1serve_inter_token_latency_seconds_count") == generated - 3
+    assert value(reg, "m1serve_e2e_request_latency_seconds_count") == 3
+    assert value(reg, "m1serve_state_slots_total") == 4
+    assert value(reg, "m1serve_state_slots_used") == value(reg, "m1serve_num_requests_running") == 0
+    assert value(reg, "m1serve_kv_cache_usage_ratio") == 0
+    text = generate_latest(reg).decode()
+    for f in FAMILIES:  # every family is exposed with its help text
+        assert f"# HELP {f.name}" in text
