@@ -37,6 +37,8 @@ class AppArgs(BaseModel):
     max_num_batched_tokens: int = Field(256, ge=1)
     max_model_len: int = Field(4096, ge=2)
     max_queue_len: int = Field(256, ge=1)
+    max_tokens_per_request: int | None = Field(None, ge=1)
+    request_timeout_s: float | None = Field(600.0, gt=0, description="unfinished requests fail after this")
     cache_memory_gb: float | None = Field(None, gt=0)
     collective_timeout_s: float = Field(30.0, gt=0)
     api_key_env: str | None = Field("M1SERVE_API_KEY", description="env var holding the API key (unset: no auth)")
@@ -65,6 +67,7 @@ def build_app(args: AppArgs | dict) -> Application:
     runtime_env = {"env_vars": dict(args.env)} if args.env else {}
     engine = dict(dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
+                  max_tokens_per_request=args.max_tokens_per_request, request_timeout_s=args.request_timeout_s,
                   cache_memory_gb=args.cache_memory_gb, collective_timeout_s=args.collective_timeout_s)
     shard_deployment = serve.deployment(ExpertShard)
     shards = [
@@ -78,7 +81,7 @@ def build_app(args: AppArgs | dict) -> Application:
     ]
     router = serve.deployment(serve.ingress()(Router)).options(
         name=ROUTER_NAME, num_replicas=1, max_ongoing_requests=4 * args.max_queue_len,
-        health_check_period_s=5, health_check_timeout_s=30,
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=60,
         ray_actor_options={"num_cpus": args.router_cpus, "num_gpus": args.router_gpus, "runtime_env": runtime_env},
     )
     return router.bind(args.model, shards, engine, name, args.api_key_env, args.per_layer_expert_metrics)

@@ -90,6 +90,8 @@ def cmd_serve(args) -> int:
     app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
                        dtype=args.dtype, max_num_seqs=args.max_num_seqs, router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
+                       max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
+                       request_timeout_s=args.request_timeout_s,
                        shard_resources=dict(args.shard_resource),
                        env={**({} if args.address else {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}),
                             **dict(args.replica_env)})
@@ -111,7 +113,12 @@ def cmd_serve(args) -> int:
               f"  gRPC         {args.host}:{args.grpc_port} (m1serve.v1.M1Serve)\n"
               f"  metrics      http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         stop.wait()
-        print("m1serve: shutting down", flush=True)
+        print(f"m1serve: shutting down (in-flight requests get up to {args.drain_timeout_s}s)", flush=True)
+        try:
+            serve.get_app_handle(APP_NAME).drain.remote(args.drain_timeout_s).result(
+                timeout_s=args.drain_timeout_s + 30)
+        except Exception as e:  # the app may already be broken; shut down regardless
+            print(f"m1serve: drain failed: {e}", flush=True)
     finally:
         try:
             if args.address:
@@ -176,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-gpus", type=float, default=0)
     p.add_argument("--gpus-per-shard", type=float, default=0)
     p.add_argument("--collective-timeout-s", type=float, default=30.0)
+    p.add_argument("--max-queue-len", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--max-tokens-per-request", type=int, default=None)
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--drain-timeout-s", type=float, default=20.0, help="on SIGTERM, time for in-flight requests")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)

@@ -130,16 +130,27 @@ class Router:
     async def Generate(self, request, grpc_context=None):
         from .api import grpc_service
 
-        return await grpc_service.generate(self.async_engine, request, grpc_context, self.metrics)
+        return await grpc_service.generate(self.async_engine, request, grpc_context, self.metrics, self.api_key)
 
     async def GenerateStream(self, request, grpc_context=None):
         from .api import grpc_service
 
-        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context, self.metrics):
+        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context, self.metrics,
+                                                           self.api_key):
             yield response
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def drain(self, timeout_s: float) -> dict:
+        """Graceful stop: no new requests; those in flight finish within timeout_s or end with an error event."""
+        await asyncio.to_thread(self.engine.shutdown, timeout_s)
+        return self.engine.stats()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     def check_health(self) -> None:
         """A group that stays broken past the grace period makes Serve replace this replica (which forms a new

@@ -81,7 +81,7 @@ def fmt_res(name: str, v: Decimal) -> str:
     if name == "cpu":
         return fmt_cpu(v)
     if name == "memory":
-        return fmt_mem(v)
+        return fmt_mem(v) + " memory"
     return f"{v.normalize():f} {name}"
 
 
@@ -356,11 +356,14 @@ def why_not(need: PodNeed, nodes: list[Node]) -> str:
         reasons = sorted({eligible(need, n) for n in nodes})
         return f"no usable node ({'; '.join(reasons) or 'the cluster has no nodes'})"
     short = []
-    for k, v in need.requests.items():
+    for k, v in sorted(need.requests.items(), key=lambda kv: (not is_gpu(kv[0]), kv[0])):
         if v > 0 and not any(n.free(k) >= v for n in candidates):
             most = max(candidates, key=lambda n: n.free(k))
             have = max(most.free(k), Decimal(0))
-            short.append(f"{fmt_res(k, v)} needed, at most {fmt_res(k, have)} free (node {most.name})")
+            if have > 0:
+                short.append(f"{fmt_res(k, v)} needed, at most {fmt_res(k, have)} free (node {most.name})")
+            else:
+                short.append(f"{fmt_res(k, v)} needed, none free on the {len(candidates)} node(s) it may use")
     if short:
         return "; ".join(short)
     return "no single node has all of it free at once"
@@ -399,7 +402,8 @@ def load_manifest(text: str, source: str) -> list[dict]:
     import yaml
 
     try:
-        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when there: rendered charts are long
+        docs = [d for d in yaml.load_all(text, Loader=loader) if isinstance(d, dict)]
     except yaml.YAMLError as e:
         raise UsageError(f"{source}: not valid YAML: {e}") from None
     return docs

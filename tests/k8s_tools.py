@@ -256,6 +256,7 @@ class FakeKube:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave at once (no delayed-ACK stalls)
 
             def log_message(self, *a):  # quiet
                 pass
@@ -288,7 +289,9 @@ class FakeKube:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def kubeconfig(self, path: Path, namespace: str | None = None) -> Path:
+    def kubeconfig(self, path: Path, namespace: str | None = None, token: str | None = None,
+                   server: str | None = None) -> Path:
+        """A kubeconfig for this server (or `server`), authenticating with `token` (default: the right one)."""
         import yaml
 
         context = {"cluster": "fake", "user": "tester"}
@@ -296,8 +299,8 @@ class FakeKube:
             context["namespace"] = namespace
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": self.TOKEN}}],
+            "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
+            "users": [{"name": "tester", "user": {"token": token or self.TOKEN}}],
             "contexts": [{"name": "fake", "context": context}],
         }))
         return path

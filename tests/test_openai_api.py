@@ -364,6 +364,7 @@ class FailingEngine:
                  healthy: bool = True):
         self.real, self.raise_exc, self.finish, self.healthy = real, raise_exc, finish, healthy
         self.tokenizer, self.model_name, self.max_model_len = real.tokenizer, real.model_name, real.max_model_len
+        self.max_tokens_limit = real.max_tokens_limit
 
     async def stream(self, prompt, params, request_id=None):
         if self.raise_exc is not None:

@@ -52,6 +52,8 @@ def generation_failed(out=None) -> APIError:
     """A request the engine finished with "error" (shard failure) or "abort" (shutdown). The engine's messages are
     written for users; those of unexpected exceptions ("internal error: ...") stay in the server log."""
     message = "Generation failed in the model backend; retry the request."
+    if out is not None and out.finish_reason == "timeout":
+        return APIError(504, f"Request timed out: {out.error}.", "server_error", code="timeout")
     if out is not None and out.finish_reason == "abort":
         message = "The server is shutting down; retry the request."
     elif out is not None and out.error and not out.error.startswith("internal error"):

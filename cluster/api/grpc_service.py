@@ -25,6 +25,7 @@ Cancelling the call (client disconnect) aborts the request in the engine.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import uuid
 from typing import AsyncIterator
@@ -90,6 +91,8 @@ def _usage(out: RequestOutput) -> pb.Usage:
 def _check_result(out: RequestOutput) -> None:
     """An engine-side failure of an accepted request ("error": shard group down, failed step; "abort": the engine
     shut down) -> UNAVAILABLE. Internal exception texts stay in the server log."""
+    if out.finish_reason == "timeout":
+        raise GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, out.error or "the request timed out")
     if out.finish_reason in ("error", "abort"):
         if out.finish_reason == "abort":
             details = "the engine shut down"
@@ -136,10 +139,24 @@ def _ids(request: pb.GenerateRequest) -> tuple[str, str]:
 
 
 # ---- handlers ------------------------------------------------------------------------------------------------------
+def check_api_key(context, api_key: str | None) -> None:
+    """With an API key configured, calls must carry metadata `authorization: Bearer <key>` (constant-time check)."""
+    if api_key is None:
+        return
+    given = ""
+    for key, value in (context.invocation_metadata() if context is not None else ()) or ():
+        if key.lower() == "authorization" and value.startswith("Bearer "):
+            given = value[len("Bearer "):]
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise GrpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key: send metadata "
+                                                         "'authorization: Bearer <key>'")
+
+
 async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=None,
-                   metrics: Metrics | None = None) -> pb.GenerateResponse:
+                   metrics: Metrics | None = None, api_key: str | None = None) -> pb.GenerateResponse:
     """Unary Generate. On an error: sets the status on `context` and returns an empty GenerateResponse."""
     try:
+        check_api_key(context, api_key)
         _check_model(engine, request)
         prompt, params = request_prompt(request), request_params(request)
         engine_id, client_id = _ids(request)
@@ -154,10 +171,12 @@ async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=Non
 
 
 async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest, context=None,
-                          metrics: Metrics | None = None) -> AsyncIterator[pb.GenerateStreamResponse]:
+                          metrics: Metrics | None = None,
+                          api_key: str | None = None) -> AsyncIterator[pb.GenerateStreamResponse]:
     """Server-streaming GenerateStream. On an error: sets the status on `context` and ends the stream. Closing this
     generator early (client cancelled) closes the engine stream, which aborts the request."""
     try:
+        check_api_key(context, api_key)
         _check_model(engine, request)
         prompt, params = request_prompt(request), request_params(request)
         engine_id, client_id = _ids(request)
@@ -206,19 +225,20 @@ class M1ServeServicer(pb_grpc.M1ServeServicer):
         m1serve_pb2_grpc.add_M1ServeServicer_to_server(M1ServeServicer(async_engine), server)
     """
 
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, api_key: str | None = None, metrics: Metrics | None = None):
+        self.engine, self.api_key, self.metrics = engine, api_key, metrics
 
     async def Generate(self, request, context):
         status = _StatusContext(context)
-        response = await generate(self.engine, request, status)
+        response = await generate(self.engine, request, status, self.metrics, self.api_key)
         await status.abort_if_failed()
         return response
 
     async def GenerateStream(self, request, context):
         status = _StatusContext(context)
         # aclosing: a cancelled call closes the handler (and so the engine stream) right away, not at GC
-        async with contextlib.aclosing(generate_stream(self.engine, request, status)) as messages:
+        async with contextlib.aclosing(generate_stream(self.engine, request, status, self.metrics,
+                                                       self.api_key)) as messages:
             async for message in messages:
                 yield message
         await status.abort_if_failed()

@@ -38,7 +38,7 @@ from .openai_protocol import (ChatBuilder, ChatCompletionRequest, CompletionBuil
 log = logging.getLogger("m1serve.api")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
-FAILED = ("error", "abort")  # engine finish reasons that are failures for the client
+FAILED = ("error", "abort", "timeout")  # engine finish reasons that are failures for the client
 
 
 def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -149,7 +149,7 @@ async def _unless_disconnected(request: Request, coro):
 
 async def _respond(request: Request, engine: AsyncEngine, body: GenerationRequest, prompt_ids: list[int],
                    builder: ResponseBuilder) -> Response:
-    params = body.to_sampling_params(len(prompt_ids), engine.max_model_len)
+    params = body.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.max_tokens_limit)
     if not body.stream:
         try:
             out = await _unless_disconnected(request, engine.generate(prompt_ids, params, builder.id))

@@ -87,11 +87,14 @@ class GenerationRequest(_Strict):
         """SamplingParams.logprobs: None for none, k for the chosen token plus k alternatives."""
         return None
 
-    def to_sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-        """Unset max_tokens means the rest of the context (as vLLM does)."""
+    def to_sampling_params(self, num_prompt_tokens: int, max_model_len: int,
+                           max_tokens_cap: int | None = None) -> SamplingParams:
+        """Unset max_tokens means the rest of the context (as vLLM does), within the server's per-request cap."""
         max_tokens = self.requested_max_tokens()
         if max_tokens is None:
             max_tokens = max(1, max_model_len - num_prompt_tokens)  # a too long prompt gets the engine's error
+            if max_tokens_cap is not None:
+                max_tokens = min(max_tokens, max_tokens_cap)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,

@@ -29,6 +29,10 @@ class AsyncEngine:
         return self.engine.config.max_model_len
 
     @property
+    def max_tokens_limit(self) -> int | None:
+        return self.engine.config.max_tokens_per_request
+
+    @property
     def healthy(self) -> bool:
         return self.engine.healthy
 

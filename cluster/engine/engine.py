@@ -54,6 +54,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 256  # tokens per step: bounds a prefill chunk
     max_model_len: int = 4096  # prompt + generated tokens
     max_queue_len: int = 256
+    max_tokens_per_request: int | None = None  # cap on max_tokens (None: only the context limit)
+    request_timeout_s: float | None = None  # a request still unfinished after this fails with "timeout"
     kv_block_size: int = 16
     cache_memory_gb: float | None = None  # state slots + KV blocks; default: 0.5 GB on CPU, 85% of free GPU memory
     collective_timeout_s: float = 30.0
@@ -217,8 +219,12 @@ class Engine:
                 "kv_blocks_used": cm.blocks.num_used, "kv_blocks_total": cm.blocks.total,
                 "healthy": self.healthy, **self.counters}
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops taking requests, lets those in flight finish for up to drain_timeout_s, aborts the rest."""
         self._stopping = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._thread.is_alive() and self.scheduler.has_work() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._inbox.put(("stop", None))
         if self._thread.is_alive():
             self._thread.join(timeout=60)
@@ -248,6 +254,10 @@ class Engine:
         return ids
 
     def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
+        cap = self.config.max_tokens_per_request
+        if cap is not None and params.max_tokens > cap:
+            raise InvalidRequest(f"max_tokens: {params.max_tokens} is over this server's limit of {cap} tokens per "
+                                 f"request", "max_tokens")
         limit = self.config.max_model_len
         if num_prompt + params.max_tokens > limit:
             param = "max_tokens" if num_prompt < limit else "prompt"
@@ -271,6 +281,8 @@ class Engine:
                     return
                 self._apply(cmd)
                 continue  # drain the inbox before the next step
+            if self.config.request_timeout_s is not None:
+                self._expire(time.monotonic() - self.config.request_timeout_s)
             if self.error is not None:
                 self._recover()
             elif self.scheduler.has_work():
@@ -279,6 +291,11 @@ class Engine:
                 except Exception as e:  # never leave requests hanging on an unexpected bug
                     log.exception("engine step failed")
                     self._fail_running(f"internal error: {type(e).__name__}: {e}")
+
+    def _expire(self, arrived_before: float) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.arrival_time < arrived_before:
+                self._finish(seq, "timeout", f"the request did not finish within {self.config.request_timeout_s}s")
 
     def _apply(self, cmd) -> None:
         kind, arg = cmd
