@@ -33,6 +33,8 @@ class AppArgs(BaseModel):
                                               description="custom Ray resources each shard replica needs "
                                                           "(to place shards on chosen nodes)")
     dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$")
+    expert_dtype: str | None = Field(None, pattern="^int8$", description="int8: weight-only int8 experts (halves "
+                                                                          "their memory; MiniMax-M1 on 80 GB GPUs)")
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(256, ge=1)
     max_model_len: int = Field(4096, ge=2)
@@ -65,7 +67,7 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs(**args)
     name = args.model_name or Path(args.model).name
     runtime_env = {"env_vars": dict(args.env)} if args.env else {}
-    engine = dict(dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    engine = dict(dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
                   max_tokens_per_request=args.max_tokens_per_request, request_timeout_s=args.request_timeout_s,
                   cache_memory_gb=args.cache_memory_gb, collective_timeout_s=args.collective_timeout_s)
@@ -76,7 +78,7 @@ def build_app(args: AppArgs | dict) -> Application:
             health_check_period_s=2, health_check_timeout_s=10,
             ray_actor_options={"num_cpus": args.cpus_per_shard, "num_gpus": args.gpus_per_shard,
                                "resources": dict(args.shard_resources), "runtime_env": runtime_env},
-        ).bind(args.model, i, args.expert_shards, args.dtype)
+        ).bind(args.model, i, args.expert_shards, args.dtype, args.expert_dtype)
         for i in range(args.expert_shards)
     ]
     router = serve.deployment(serve.ingress()(Router)).options(

@@ -29,7 +29,8 @@ def _engine_config(args, **overrides):
     from cluster.engine.engine import EngineConfig
 
     fields = dict(model=str(args.model or default_model_dir()), expert_shards=args.expert_shards,
-                  device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+                  device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                  max_model_len=args.max_model_len)
     fields.update(overrides)
     return EngineConfig(**fields)
 
@@ -88,7 +89,7 @@ def cmd_serve(args) -> int:
     from cluster.app import APP_NAME, AppArgs, build_app
 
     app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
-                       dtype=args.dtype, max_num_seqs=args.max_num_seqs, router_gpus=args.router_gpus,
+                       dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs, router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--expert-shards", type=int, default=0, help="expert-shard processes (0: experts in-process)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the router's device)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+        p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
         p.add_argument("--max-model-len", type=int, default=4096)
 
     p = sub.add_parser("generate", help="run one request and print JSON")
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny demo checkpoint)")
     p.add_argument("--expert-shards", type=int, default=2)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--router-gpus", type=float, default=0)
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_bench_engine)
 
+    from cluster.k8s import add_k8s_parser
+
+    add_k8s_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

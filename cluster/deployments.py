@@ -46,7 +46,8 @@ def replica_device() -> torch.device:
 class ExpertShard:
     """Holds experts [first, last) of every layer; serves them in the router's group while it exists."""
 
-    def __init__(self, model: str, shard: int, num_shards: int, dtype: str | None = None):
+    def __init__(self, model: str, shard: int, num_shards: int, dtype: str | None = None,
+                 expert_dtype: str | None = None):
         setup_logging()
         self.device = replica_device()
         if self.device.type == "cpu":
@@ -58,7 +59,7 @@ class ExpertShard:
         self.first, self.last = expert_range(self.cfg.num_local_experts, num_shards, shard)
         dt = DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         t0 = time.monotonic()
-        self.experts = load_expert_part(model, self.first, self.last, dt, self.device)
+        self.experts = load_expert_part(model, self.first, self.last, dt, self.device, expert_dtype)
         log.info("shard %d: experts %d..%d loaded in %.1fs", shard, self.first, self.last - 1, time.monotonic() - t0)
         metrics = Metrics("ray")
         shard_label = str(shard)

@@ -1,7 +1,8 @@
 """The router <-> expert-shard protocol over one torch.distributed process group (NCCL on GPU, gloo on CPU).
 
 Rank 0 is the router; ranks 1..N are shards, shard i holding a contiguous range of experts of every layer.
-Every step the router broadcasts a header (operation, token count, dispatch mode); then, at each MoE layer, one
+Every step the router broadcasts a header (operation, token count, dispatch mode; while idle, a heartbeat header
+keeps the group's timeouts from firing); then, at each MoE layer, one
 all_to_all_single carries each routed token's hidden state plus its routing (expert ids and weights packed as 16
 extra bytes per row) to the shards, and a second one brings the weighted expert outputs back.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-OP_STEP, OP_SHUTDOWN = 1, 2
+OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
 MODE_PADDED, MODE_EXACT = 0, 1
 ROUTER_RANK = 0
 META_BYTES_PER_EXPERT = 8  # one fp32 id + one fp32 weight per chosen expert
@@ -87,6 +88,12 @@ class RouterDispatcher:
         header = torch.tensor([OP_SHUTDOWN, 0, 0, 0], dtype=torch.long, device=self.device)
         _collective(dist.broadcast, header, src=ROUTER_RANK)
 
+    def heartbeat(self) -> None:
+        """Sent while idle: the shards' wait for a header never hits the collective timeout, and a dead shard is
+        noticed before the next request needs it."""
+        header = torch.tensor([OP_HEARTBEAT, 0, 0, 0], dtype=torch.long, device=self.device)
+        _collective(dist.broadcast, header, src=ROUTER_RANK)
+
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, N = h.shape[0], self.num_shards
         assert T == self.num_tokens, "begin_step was not called with this step's token count"
@@ -146,6 +153,8 @@ class ShardWorker:
             op, num_tokens, mode, _ = header.tolist()
             if op == OP_SHUTDOWN:
                 return
+            if op == OP_HEARTBEAT:
+                continue
             for layer in range(self.num_layers):
                 self._layer(layer, num_tokens, mode)
 

@@ -110,7 +110,11 @@ class Kube:
 
         try:
             resp = fn(*args, _preload_content=False, _request_timeout=TIMEOUT_S, **kwargs)
-            return json.loads(resp.data or b"null")
+            try:
+                return json.loads(resp.data or b"null")
+            except ValueError:
+                raise UsageError(f"{self.host}: the answer is not JSON (is this a Kubernetes API server?): "
+                                 f"{resp.data[:200]!r}") from None
         except ApiException as e:
             if e.status == 404 and missing_ok:
                 return None
@@ -146,14 +150,18 @@ def _short(e: Exception) -> str:
 
 def connect(args) -> Kube:
     """A Kube for --kubeconfig/--context (else $KUBECONFIG / ~/.kube/config, else the in-cluster service account)."""
-    from kubernetes import client, config
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise UsageError("m1serve k8s needs the kubernetes Python client: pip install kubernetes") from None
 
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
     default_file = Path(kubeconfig or Path.home() / ".kube" / "config")
     namespace = args.namespace
     try:
+        cfg = client.Configuration()
         if default_file.exists() or args.context:
-            api_client = config.new_client_from_config(config_file=str(default_file), context=args.context)
+            config.load_kube_config(config_file=str(default_file), context=args.context, client_configuration=cfg)
             if not namespace:
                 _, active = config.list_kube_config_contexts(config_file=str(default_file))
                 if args.context:
@@ -161,22 +169,20 @@ def connect(args) -> Kube:
                     active = next((c for c in contexts if c["name"] == args.context), active)
                 namespace = (active or {}).get("context", {}).get("namespace")
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            cfg = client.Configuration()
             config.load_incluster_config(client_configuration=cfg)
-            api_client = client.ApiClient(cfg)
             if not namespace:
                 ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
                 namespace = ns_file.read_text().strip() if ns_file.exists() else None
         else:
             raise UsageError(f"no kubeconfig ({default_file} does not exist) and not inside a cluster: "
                              f"pass --kubeconfig or set KUBECONFIG")
-    except config.ConfigException as e:
+    except (config.ConfigException, OSError, ValueError) as e:
         raise UsageError(f"kubeconfig {default_file}: {e}") from None
-    api_client.configuration.retries = 1
-    return Kube(api_client, namespace or "default")
+    cfg.retries = 1  # fail fast: one retry, then exit 2
+    return Kube(client.ApiClient(cfg), namespace or "default")
 
 
-# ---- quantities, pods, nodes ------------------------------------------------------------------------------------------
+# ---- quantities, pods, nodes ----------------------------------------------------------------------------------------
 def quantity(v) -> Decimal:
     from kubernetes.utils import parse_quantity
 
@@ -419,7 +425,7 @@ def find_rayservice(docs: list[dict], source: str) -> dict:
 def referenced(docs: list[dict], rayservice: dict) -> tuple[set[str], set[tuple[str, str | None]]]:
     """(PVC claim names, (secret, key)) used by the RayService's pods and the chart's other pods."""
     claims, secrets = set(), set()
-    cluster = rayservice["spec"].get("rayClusterConfig") or {}
+    cluster = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
     specs = [(cluster.get("headGroupSpec") or {}).get("template", {}).get("spec", {})]
     specs += [g.get("template", {}).get("spec", {}) for g in cluster.get("workerGroupSpecs") or []]
     specs += [d.get("spec", {}) for d in docs if d.get("kind") == "Pod"]
@@ -525,7 +531,8 @@ def check_operator(kube: Kube, rep: Report) -> None:
     for d in items:
         meta, status = d["metadata"], d.get("status") or {}
         want, ready = (d.get("spec") or {}).get("replicas", 1), status.get("readyReplicas", 0) or 0
-        image = ((d.get("spec") or {}).get("template", {}).get("spec", {}).get("containers") or [{}])[0].get("image", "?")
+        containers = (d.get("spec") or {}).get("template", {}).get("spec", {}).get("containers") or [{}]
+        image = containers[0].get("image", "?")
         text = f"KubeRay operator {meta.get('namespace')}/{meta.get('name')} ({image}): {ready}/{want} ready"
         (rep.ok if ready >= 1 else rep.fail)(text)
 
@@ -653,7 +660,8 @@ def status_report(kube: Kube, rs: dict, rep: Report) -> None:
             if which == "activeServiceStatus":
                 rep.fail("no active RayCluster serving yet")
             continue
-        label = "active" if which == "activeServiceStatus" else "pending (upgrade)"
+        label = "active" if which == "activeServiceStatus" else \
+            ("pending (upgrade)" if (st.get("activeServiceStatus") or {}).get("rayClusterName") else "pending")
         cst = svc.get("rayClusterStatus") or {}
         rep.line(f"{label} RayCluster {cluster}: state {cst.get('state', '?')}, worker pods ready "
                  f"{cst.get('readyWorkerReplicas', '?')}/{cst.get('desiredWorkerReplicas', '?')}"
@@ -671,7 +679,8 @@ def status_report(kube: Kube, rs: dict, rep: Report) -> None:
                 rep.fail(text)
             else:
                 rep.info(text)
-            for dep, d in sorted((a.get("serveDeploymentStatuses") or {}).items(), key=lambda kv: _natural(kv[0])):
+            deployments = (a.get("serveDeploymentStatuses") or {}).items()
+            for dep, d in sorted(deployments, key=lambda kv: (kv[0] != "Router", _natural(kv[0]))):
                 text = f"  {dep}: {d.get('status', '?')}" + (f": {d['message']}" if d.get("message") else "")
                 if d.get("status") == "HEALTHY":
                     rep.info(text)
@@ -767,7 +776,8 @@ def service_report(kube: Kube, rep: Report, spec: dict, name: str) -> None:
         + ("" if ready is None else f"; {ready} ready endpoint(s)")
     (rep.ok if ready != 0 else rep.fail)(text)
     host = f"{svc_name}.{kube.namespace}.svc"
-    lb = [i.get("ip") or i.get("hostname") for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []]
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    lb = [i.get("ip") or i.get("hostname") for i in ingress]
     http, grpc = ports.get("http", {}).get("port", 8000), ports.get("grpc", {}).get("port", 9000)
     rep.info(f"OpenAI HTTP  http://{host}:{http}/v1" + (f"  (external: http://{lb[0]}:{http}/v1)" if lb else ""))
     if "grpc" in ports:

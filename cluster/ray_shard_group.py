@@ -82,6 +82,15 @@ class RayShardGroup:
             self.healthy = False
             raise
 
+    def heartbeat(self) -> None:
+        if not self.healthy:
+            return
+        try:
+            self.dispatcher.heartbeat()
+        except DispatchError:
+            self.healthy = False
+            raise
+
     def restart(self) -> None:
         self._leave()
         self.start()

@@ -30,6 +30,9 @@ class LocalExperts:
     def begin_step(self, num_tokens: int) -> None:
         pass
 
+    def heartbeat(self) -> None:
+        pass
+
     def restart(self) -> None:
         pass
 
@@ -86,7 +89,7 @@ def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: 
     try:
         with torch.inference_mode():
             ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok,
-                        experts.w2[0].dtype, device, observe_compute).serve()
+                        experts.dtype, device, observe_compute).serve()
     finally:
         try:
             dist.destroy_process_group()
@@ -95,7 +98,7 @@ def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: 
 
 
 def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: str, dtype: torch.dtype,
-              timeout_s: float, join_timeout_s: float) -> None:
+              timeout_s: float, join_timeout_s: float, expert_dtype: str | None = None) -> None:
     """Body of one expert-shard process: load its experts, then serve in the router's group."""
     device = torch.device(device)
     if device.type == "cpu":
@@ -104,7 +107,7 @@ def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: s
         torch.cuda.set_device(device)
     cfg = ModelConfig.from_file(model_path)
     first, last = expert_range(cfg.num_local_experts, num_shards, shard)
-    experts = load_expert_part(model_path, first, last, dtype, device)
+    experts = load_expert_part(model_path, first, last, dtype, device, expert_dtype)
     serve_experts(experts, cfg, shard + 1, num_shards + 1, "127.0.0.1", port, device, timeout_s, join_timeout_s)
 
 
@@ -119,12 +122,13 @@ class ProcessShardGroup:
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
-                 padded_max_rows: int = 512, sync_timing: bool = False, join_timeout_s: float = 300.0):
+                 padded_max_rows: int = 512, sync_timing: bool = False, join_timeout_s: float = 300.0,
+                 expert_dtype: str | None = None):
         self.cfg = ModelConfig.from_file(model_path)
         expert_range(self.cfg.num_local_experts, num_shards, 0)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
-        self.join_timeout_s = join_timeout_s
+        self.join_timeout_s, self.expert_dtype = join_timeout_s, expert_dtype
         self.padded_max_rows, self.sync_timing = padded_max_rows, sync_timing
         self.procs: list[mp.Process] = []
         self.dispatcher: RouterDispatcher | None = None
@@ -146,7 +150,7 @@ class ProcessShardGroup:
             p = ctx.Process(target=_shard_process_main, daemon=True, name=f"m1serve-shard-{shard}",
                             args=(self.model_path, shard, self.num_shards, store.port,
                                   str(shard_device(self.device, shard)), self.dtype, self.timeout_s,
-                                  self.join_timeout_s))
+                                  self.join_timeout_s, self.expert_dtype))
             p.start()
             self.procs.append(p)
         try:
@@ -169,6 +173,15 @@ class ProcessShardGroup:
             raise DispatchError(f"expert shard process exited: {', '.join(dead)}")
         try:
             self.dispatcher.begin_step(num_tokens)
+        except DispatchError:
+            self.healthy = False
+            raise
+
+    def heartbeat(self) -> None:
+        if not self.healthy:
+            return
+        try:
+            self.dispatcher.heartbeat()
         except DispatchError:
             self.healthy = False
             raise

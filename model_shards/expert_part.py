@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kernels.experts import grouped_swiglu
+from kernels.experts import grouped_swiglu, quantize_int8
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -26,22 +26,33 @@ def expert_range(num_experts: int, num_shards: int, shard: int) -> tuple[int, in
 
 
 class ExpertPart:
-    def __init__(self, cfg: ModelConfig, first: int, last: int, w13: list[torch.Tensor], w2: list[torch.Tensor]):
-        self.cfg, self.first, self.last = cfg, first, last
-        self.w13, self.w2 = w13, w2  # per layer: [E_local, 2F, H], [E_local, H, F]
+    """Weights per layer: w13 [E_local, 2F, H], w2 [E_local, H, F], in the activation dtype, or int8 with
+    per-output-channel scales (w13_scale [E_local, 2F], w2_scale [E_local, H]) for weight-only int8 experts."""
+
+    def __init__(self, cfg: ModelConfig, first: int, last: int, w13: list[torch.Tensor], w2: list[torch.Tensor],
+                 dtype: torch.dtype, w13_scale: list[torch.Tensor] | None = None,
+                 w2_scale: list[torch.Tensor] | None = None):
+        self.cfg, self.first, self.last, self.dtype = cfg, first, last, dtype
+        self.w13, self.w2 = w13, w2
+        self.w13_scale, self.w2_scale = w13_scale, w2_scale
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, cfg: ModelConfig, first: int, last: int, dtype=torch.float32, device="cpu"):
-        w13, w2 = [], []
+    def load(cls, ckpt: Checkpoint, cfg: ModelConfig, first: int, last: int, dtype=torch.float32, device="cpu",
+             int8: bool = False):
+        w13, w2, s13, s2 = [], [], [], []
         t0, step = time.monotonic(), max(1, cfg.num_hidden_layers // 10)
         for layer in range(cfg.num_hidden_layers):
             a, b = ckpt.load_experts(cfg, layer, first, last)
-            w13.append(a.to(device=device, dtype=dtype))
-            w2.append(b.to(device=device, dtype=dtype))
+            if int8:  # quantized per layer as it is read, so the full-precision copy never exists on the device
+                (a, sa), (b, sb) = quantize_int8(a), quantize_int8(b)
+                s13.append(sa.to(device))
+                s2.append(sb.to(device))
+            w13.append(a.to(device=device, dtype=torch.int8 if int8 else dtype))
+            w2.append(b.to(device=device, dtype=torch.int8 if int8 else dtype))
             if (layer + 1) % step == 0 or layer + 1 == cfg.num_hidden_layers:
                 log.info("experts %d..%d: layer %d/%d loaded, %.2f GB read in %.1fs", first, last - 1, layer + 1,
                          cfg.num_hidden_layers, ckpt.bytes_read / 1e9, time.monotonic() - t0)
-        return cls(cfg, first, last, w13, w2)
+        return cls(cfg, first, last, w13, w2, dtype, s13 if int8 else None, s2 if int8 else None)
 
     @property
     def num_experts(self) -> int:
@@ -57,5 +68,6 @@ class ExpertPart:
         order = torch.argsort(local, stable=True)
         token, local = token[order], local[order]
         sizes = torch.bincount(local, minlength=self.num_experts).tolist()
-        y = grouped_swiglu(x[token], sizes, self.w13[layer], self.w2[layer], weights[token, k[order]])
+        scales = (self.w13_scale[layer], self.w2_scale[layer]) if self.w13_scale is not None else (None, None)
+        y = grouped_swiglu(x[token], sizes, self.w13[layer], self.w2[layer], weights[token, k[order]], *scales)
         return torch.zeros_like(x).index_add_(0, token, y)

@@ -34,12 +34,16 @@ def load_router_part(path: str | Path, dtype=None, device="cpu") -> RouterPart:
 
 
 def load_expert_part(path: str | Path, first: int | None = None, last: int | None = None, dtype=None,
-                     device="cpu") -> ExpertPart:
+                     device="cpu", expert_dtype: str | None = None) -> ExpertPart:
+    """expert_dtype "int8": weight-only int8 experts (per-output-channel scales), quantized while loading."""
+    if expert_dtype not in (None, "int8"):
+        raise ValueError(f"expert_dtype: {expert_dtype!r} is not supported (None or 'int8')")
     cfg = ModelConfig.from_file(path)
     first = 0 if first is None else first
     last = cfg.num_local_experts if last is None else last
     ckpt = Checkpoint(path)
     try:
-        return ExpertPart.load(ckpt, cfg, first, last, dtype or default_dtype(device), device)
+        return ExpertPart.load(ckpt, cfg, first, last, dtype or default_dtype(device), device,
+                               int8=expert_dtype == "int8")
     finally:
         ckpt.close()

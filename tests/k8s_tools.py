@@ -142,7 +142,7 @@ def rayservice_validator():
     import jsonschema
     import yaml
 
-    crd = yaml.safe_load(RAYSERVICE_CRD.read_text())
+    crd = yaml.load(RAYSERVICE_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = strict_schema(version["schema"]["openAPIV3Schema"])
     schema.setdefault("required", [])

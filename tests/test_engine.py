@@ -202,3 +202,18 @@ def test_sink_errors_and_threads(engine):
     assert engine.generate([4, 5], SamplingParams(max_tokens=2, temperature=0.0)).num_output_tokens >= 1
     s = wait_idle(engine)
     assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+
+
+def test_int8_experts_stay_close_to_full_precision(tiny_model, reference_parts):
+    """Weight-only int8 experts (per-output-channel scales) change logits by well under a percent."""
+    from model_shards.loading import load_expert_part
+
+    router, experts = reference_parts
+    int8 = load_expert_part(tiny_model, dtype=torch.float32, expert_dtype="int8")
+    assert int8.w13[0].dtype == torch.int8 and int8.w13_scale[0].shape == int8.w13[0].shape[:2]
+    prompt = random_ids(300, 512, 11)
+    full = Runner(router, [experts], num_slots=1).prefill(prompt)
+    quant = Runner(router, [int8], num_slots=1).prefill(prompt)
+    rel = ((quant - full).norm() / full.norm()).item()
+    assert 0 < rel < 2e-2, rel
+    assert (quant.argmax(-1) == full.argmax(-1)).float().mean() > 0.95

@@ -80,3 +80,14 @@ def test_shard_failure_fails_requests_within_timeout_then_recovers(tiny_model, h
         assert again.finish_reason == "length" and again.token_ids == ok.token_ids
         s = wait_idle(engine)
         assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+
+
+def test_idle_group_stays_formed_past_the_collective_timeout(tiny_model):
+    """While idle the router sends heartbeats, so the shards' wait for the next step never times out."""
+    cfg = EngineConfig(model=str(tiny_model), expert_shards=2, collective_timeout_s=2.0)
+    with Engine(cfg) as engine:
+        first = engine.generate([1, 2, 3], GREEDY)
+        time.sleep(7)
+        again = engine.generate([1, 2, 3], GREEDY)
+        assert again.finish_reason == "length" and again.token_ids == first.token_ids
+        assert engine.counters["group_restarts"] == 0 and engine.healthy

@@ -292,7 +292,7 @@ ERROR_CASES = [
     ("logit-bias", CHAT, chat(logit_bias={"5": 10}), 400, "logit_bias", "logit_bias"),
     ("stream-options-without-stream", C, comp(stream_options={"include_usage": True}), 400, "stream_options",
      "stream_options"),
-    ("response-format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format",
+    ("response-format", CHAT, chat(response_format={"type": "xml"}), 400, "response_format.type",
      "response_format"),
     ("empty-messages", CHAT, chat(messages=[]), 400, "messages", "messages"),
     ("invalid-role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", "role"),

@@ -16,6 +16,12 @@ status and return an empty GenerateResponse (unary) or stop the stream. `context
 `M1ServeServicer` runs the same handlers on a plain `grpc.aio` server (tests, standalone use): errors become
 `context.abort(code, details)`.
 
+Chat and tools: a `messages` prompt is rendered with the chat template (with `tools` unless tool_choice is "none");
+tool_choice "required"/a name and response_format are enforced by guided decoding; the output is parsed as the HTTP
+chat API does (cluster/api/tool_parser.py): `text` is the content, `reasoning_content` the <think> part (messages
+prompts only), `tool_calls` the calls (streamed whole, in the message where their block completes), finish_reason
+"tool_calls" when calls were made.
+
 Error mapping: InvalidRequest -> INVALID_ARGUMENT (details start with the field: "max_tokens: ..."),
 QueueFull -> RESOURCE_EXHAUSTED, EngineUnavailable or an engine result that ended in "error"/"abort" -> UNAVAILABLE,
 anything else -> INTERNAL with a generic message (the traceback goes to the server log only).
@@ -24,8 +30,10 @@ Cancelling the call (client disconnect) aborts the request in the engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import uuid
 from typing import AsyncIterator
@@ -34,11 +42,13 @@ import grpc
 
 from cluster.api import m1serve_pb2 as pb
 from cluster.api import m1serve_pb2_grpc as pb_grpc
+from cluster.api.tool_parser import ParsedOutput, StreamParser, ToolSetup, tool_setup
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineUnavailable, QueueFull
 from cluster.engine.sampling import InvalidRequest, SamplingParams, TokenLogprobs
 from cluster.engine.sequence import RequestOutput
 from cluster.metrics import Metrics
+from model_shards.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +78,80 @@ def request_prompt(request: pb.GenerateRequest) -> str | list[int]:
         return request.text
     if which == "prompt_token_ids":
         return list(request.prompt_token_ids.ids)
-    raise InvalidRequest("prompt: set either text or prompt_token_ids", "prompt")
+    raise InvalidRequest("prompt: set text, prompt_token_ids or messages", "prompt")
 
 
-def request_params(request: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling parameters, validated (InvalidRequest names the field)."""
+def request_params(request: pb.GenerateRequest, setup: ToolSetup | None = None) -> SamplingParams:
+    """The request's sampling parameters, validated (InvalidRequest names the field); guided decoding from the
+    request's tool setup (request_tools)."""
     kwargs = {name: getattr(request, name) for name in _OPTIONAL_PARAMS if request.HasField(name)}
-    params = SamplingParams(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids), **kwargs)
+    params = SamplingParams(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
+                            guided=setup.guided if setup is not None else None, **kwargs)
     return params.validate()
+
+
+def _json_field(raw: str, param: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"{param}: not valid JSON ({e})", param) from None
+
+
+def request_tools(request: pb.GenerateRequest) -> ToolSetup:
+    """tools / tool_choice / response_format / parallel_tool_calls, validated as the HTTP API does."""
+    tools = [_json_field(raw, f"tools[{i}]") for i, raw in enumerate(request.tools)]
+    fmt = _json_field(request.response_format, "response_format") if request.response_format else None
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None
+    return tool_setup(tools or None, request.tool_choice or None, fmt, parallel)
+
+
+def _chat_messages(request: pb.GenerateRequest) -> list[dict]:
+    out = []
+    for m in request.messages.messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id or None, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        out.append(message)
+    return out
+
+
+async def _prepare(engine: AsyncEngine, request: pb.GenerateRequest):
+    """-> (prompt, params, setup, chat): `messages` prompts are rendered with the chat template (in a thread)."""
+    _check_model(engine, request)
+    setup = request_tools(request)
+    chat = request.WhichOneof("prompt") == "messages"
+    if chat:
+        tokenizer = engine.tokenizer
+        if tokenizer is None:
+            raise InvalidRequest("messages: this model has no tokenizer (and so no chat template); send token ids",
+                                 "messages")
+        if not request.messages.messages:
+            raise InvalidRequest("messages: must not be empty", "messages")
+
+        def render() -> list[int]:
+            return tokenizer.encode(tokenizer.apply_chat_template(_chat_messages(request), setup.prompt_tools))
+
+        try:
+            prompt = await asyncio.to_thread(render)
+        except TokenizerError as e:
+            raise InvalidRequest(f"messages: {e}", "messages") from None
+    else:
+        prompt = request_prompt(request)
+    return prompt, request_params(request, setup), setup, chat
+
+
+def _tool_calls(calls: list[dict]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(index=c["index"], id=c["id"], name=c["function"]["name"],
+                        arguments=c["function"]["arguments"]) for c in calls]
+
+
+def _finish_reason(out: RequestOutput, called_tools: bool) -> str:
+    return "tool_calls" if called_tools and out.finish_reason == "stop" else out.finish_reason or ""
 
 
 def _logprobs(entries: list[TokenLogprobs]) -> list[pb.TokenLogprob]:
@@ -157,14 +233,17 @@ async def generate(engine: AsyncEngine, request: pb.GenerateRequest, context=Non
     """Unary Generate. On an error: sets the status on `context` and returns an empty GenerateResponse."""
     try:
         check_api_key(context, api_key)
-        _check_model(engine, request)
-        prompt, params = request_prompt(request), request_params(request)
+        prompt, params, setup, chat = await _prepare(engine, request)
         engine_id, client_id = _ids(request)
         out = await engine.generate(prompt, params, engine_id)
         _check_result(out)
-        return pb.GenerateResponse(text=out.text, token_ids=out.token_ids, prompt_token_ids=out.prompt_token_ids or [],
-                                   finish_reason=out.finish_reason or "", usage=_usage(out),
-                                   logprobs=_logprobs(out.logprobs), request_id=client_id)
+        parsed = setup.parse(out.text, parse_reasoning=chat) if chat or setup.parse_tools else ParsedOutput(out.text)
+        return pb.GenerateResponse(text=parsed.content or "", token_ids=out.token_ids,
+                                   prompt_token_ids=out.prompt_token_ids or [],
+                                   finish_reason=_finish_reason(out, bool(parsed.tool_calls)), usage=_usage(out),
+                                   logprobs=_logprobs(out.logprobs), request_id=client_id,
+                                   reasoning_content=parsed.reasoning_content or "",
+                                   tool_calls=_tool_calls(parsed.tool_calls))
     except Exception as e:  # CancelledError (a BaseException) passes through: engine.stream aborts the request
         _report(context, e, metrics)
         return pb.GenerateResponse()
@@ -177,18 +256,26 @@ async def generate_stream(engine: AsyncEngine, request: pb.GenerateRequest, cont
     generator early (client cancelled) closes the engine stream, which aborts the request."""
     try:
         check_api_key(context, api_key)
-        _check_model(engine, request)
-        prompt, params = request_prompt(request), request_params(request)
+        prompt, params, setup, chat = await _prepare(engine, request)
         engine_id, client_id = _ids(request)
+        parser: StreamParser | None = setup.parser(parse_reasoning=chat) if chat or setup.parse_tools else None
         async with contextlib.aclosing(engine.stream(prompt, params, engine_id)) as outputs:
             async for out in outputs:
                 _check_result(out)
-                message = pb.GenerateStreamResponse(text=out.text, token_ids=out.token_ids,
-                                                    logprobs=_logprobs(out.logprobs), request_id=client_id)
+                delta = {"content": out.text}
+                if parser is not None:
+                    delta = parser.feed(out.text) if out.text else {}
+                    if out.finished:
+                        for key, value in parser.finish().items():
+                            delta[key] = delta[key] + value if key in delta else value
+                message = pb.GenerateStreamResponse(text=delta.get("content", ""), token_ids=out.token_ids,
+                                                    logprobs=_logprobs(out.logprobs), request_id=client_id,
+                                                    reasoning_content=delta.get("reasoning_content", ""),
+                                                    tool_calls=_tool_calls(delta.get("tool_calls", [])))
                 if out.prompt_token_ids is not None:
                     message.prompt_token_ids.extend(out.prompt_token_ids)
                 if out.finished:
-                    message.finish_reason = out.finish_reason or ""
+                    message.finish_reason = _finish_reason(out, parser is not None and parser.called_tools)
                     message.usage.CopyFrom(_usage(out))
                 yield message
     except Exception as e:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63luster/api/m1serve.proto\x12\nm1serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xca\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.m1serve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\r\n\x05model\x18\r \x01(\t\x12\x12\n\nrequest_id\x18\x0e \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokensB\x0b\n\t_logprobsJ\x04\x08\x14\x10(\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.m1serve.v1.TopLogprob\"\xcc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.m1serve.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.m1serve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x07 \x01(\tJ\x04\x08\x14\x10(\"\xd2\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.m1serve.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.m1serve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x07 \x01(\tJ\x04\x08\x14\x10(2\xa5\x01\n\x07M1Serve\x12\x45\n\x08Generate\x12\x1b.m1serve.v1.GenerateRequest\x1a\x1c.m1serve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.m1serve.v1.GenerateRequest\x1a\".m1serve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63luster/api/m1serve.proto\x12\nm1serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.m1serve.v1.ToolCall\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.m1serve.v1.ChatMessage\"\xef\x04\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.m1serve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x14 \x01(\x0b\x32\x18.m1serve.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\r\n\x05model\x18\r \x01(\t\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\r\n\x05tools\x18\x15 \x03(\t\x12\x13\n\x0btool_choice\x18\x16 \x01(\t\x12\x17\n\x0fresponse_format\x18\x17 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x18 \x01(\x08H\t\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_callsJ\x04\x08\x19\x10(\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.m1serve.v1.TopLogprob\"\x91\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.m1serve.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.m1serve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11reasoning_content\x18\x14 \x01(\t\x12(\n\ntool_calls\x18\x15 \x03(\x0b\x32\x14.m1serve.v1.ToolCallJ\x04\x08\x16\x10(\"\x97\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.m1serve.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.m1serve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11reasoning_content\x18\x14 \x01(\t\x12(\n\ntool_calls\x18\x15 \x03(\x0b\x32\x14.m1serve.v1.ToolCallJ\x04\x08\x16\x10(2\xa5\x01\n\x07M1Serve\x12\x45\n\x08Generate\x12\x1b.m1serve.v1.GenerateRequest\x1a\x1c.m1serve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.m1serve.v1.GenerateRequest\x1a\".m1serve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIDS']._serialized_start=41
   _globals['_TOKENIDS']._serialized_end=64
-  _globals['_GENERATEREQUEST']._serialized_start=67
-  _globals['_GENERATEREQUEST']._serialized_end=525
-  _globals['_USAGE']._serialized_start=527
-  _globals['_USAGE']._serialized_end=606
-  _globals['_TOPLOGPROB']._serialized_start=608
-  _globals['_TOPLOGPROB']._serialized_end=655
-  _globals['_TOKENLOGPROB']._serialized_start=657
-  _globals['_TOKENLOGPROB']._serialized_end=743
-  _globals['_GENERATERESPONSE']._serialized_start=746
-  _globals['_GENERATERESPONSE']._serialized_end=950
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=953
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1163
-  _globals['_M1SERVE']._serialized_start=1166
-  _globals['_M1SERVE']._serialized_end=1331
+  _globals['_TOOLCALL']._serialized_start=66
+  _globals['_TOOLCALL']._serialized_end=136
+  _globals['_CHATMESSAGE']._serialized_start=138
+  _globals['_CHATMESSAGE']._serialized_end=260
+  _globals['_CHATMESSAGES']._serialized_start=262
+  _globals['_CHATMESSAGES']._serialized_end=319
+  _globals['_GENERATEREQUEST']._serialized_start=322
+  _globals['_GENERATEREQUEST']._serialized_end=945
+  _globals['_USAGE']._serialized_start=947
+  _globals['_USAGE']._serialized_end=1026
+  _globals['_TOPLOGPROB']._serialized_start=1028
+  _globals['_TOPLOGPROB']._serialized_end=1075
+  _globals['_TOKENLOGPROB']._serialized_start=1077
+  _globals['_TOKENLOGPROB']._serialized_end=1163
+  _globals['_GENERATERESPONSE']._serialized_start=1166
+  _globals['_GENERATERESPONSE']._serialized_end=1439
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1442
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1721
+  _globals['_M1SERVE']._serialized_start=1724
+  _globals['_M1SERVE']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,12 @@ Requests are validated strictly ("1" is not an integer, 1 is not a boolean), unk
 explicit nulls mean "default", as in OpenAI's API. Besides OpenAI's fields, vLLM's extensions top_k, ignore_eos,
 min_tokens, stop_token_ids and return_token_ids are accepted.
 
+Chat: `tools` / `tool_choice` / `parallel_tool_calls` / `response_format` are validated and resolved by
+tool_parser.tool_setup (tools in the prompt unless tool_choice is "none"; "required", a named function and
+response_format json_object / json_schema are enforced by guided decoding, cluster/engine/guided.py). Responses are
+parsed by tool_parser into `content`, `reasoning_content` (the <think> part) and `tool_calls`. vLLM's guided_json
+and guided_regex extensions are accepted on both routes.
+
 With return_token_ids, responses carry the ids as vLLM does: completions put `prompt_token_ids` and `token_ids` on
 the choice, chat puts `prompt_token_ids` at the top level and `token_ids` on the choice; in streams
 `prompt_token_ids` comes once (the first chunk) and every chunk's `token_ids` is that chunk's delta.
@@ -11,14 +17,17 @@ the choice, chat puts `prompt_token_ids` at the top level and `token_ids` on the
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from ..engine.guided import GuidedSpec
 from ..engine.sampling import InvalidRequest, SamplingParams, TokenLogprobs
 from ..engine.sequence import RequestOutput
+from .tool_parser import ToolSetup, tool_setup
 
 MAX_LOGPROBS = 20
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf (a token masked by min_tokens has logprob -inf)
@@ -60,6 +69,8 @@ class GenerationRequest(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     return_token_ids: bool | None = None
+    guided_json: Any = None  # a JSON schema the output must match (grammar-constrained decoding)
+    guided_regex: str | None = None  # a regular expression the output must match
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -87,6 +98,25 @@ class GenerationRequest(_Strict):
         """SamplingParams.logprobs: None for none, k for the chosen token plus k alternatives."""
         return None
 
+    def guided_spec(self) -> GuidedSpec | None:
+        """SamplingParams.guided: what grammar-constrained decoding enforces (None: nothing)."""
+        return self._vllm_guided()
+
+    def _vllm_guided(self) -> GuidedSpec | None:
+        _reject(self.guided_json is not None and self.guided_regex is not None, "guided_regex",
+                "cannot be combined with guided_json")
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):  # vLLM accepts the schema as a JSON string too
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise InvalidRequest(f"guided_json: not valid JSON ({e})", "guided_json") from None
+            return GuidedSpec.json_schema(schema, "guided_json")
+        if self.guided_regex is not None:
+            return GuidedSpec.regex_spec(self.guided_regex, "guided_regex")
+        return None
+
     def to_sampling_params(self, num_prompt_tokens: int, max_model_len: int,
                            max_tokens_cap: int | None = None) -> SamplingParams:
         """Unset max_tokens means the rest of the context (as vLLM does), within the server's per-request cap."""
@@ -106,6 +136,7 @@ class GenerationRequest(_Strict):
             ignore_eos=bool(self.ignore_eos),
             min_tokens=self.min_tokens or 0,
             logprobs=self.engine_logprobs(),
+            guided=self.guided_spec(),
         )
 
 
@@ -181,16 +212,19 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None  # accepted; tool calls are not parsed from the output yet
-    response_format: dict[str, Any] | None = None
+    # tools / tool_choice / response_format: see tool_parser.tool_setup (validated in check(), 400 naming the field)
+    tools: list[Any] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # false: a forced tool call makes exactly one call
+    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    _setup: ToolSetup | None = PrivateAttr(None)
 
     def check(self) -> None:
         super().check()
         _reject(self.top_logprobs is not None and not self.logprobs, "top_logprobs",
                 "requires logprobs to be true")
-        _reject(self.response_format is not None and self.response_format.get("type") != "text", "response_format",
-                "only {'type': 'text'} is supported")
+        self._setup = tool_setup(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls,
+                                 guided=self._vllm_guided())
         for i, m in enumerate(self.messages):
             _reject(m.content is None and m.role != "assistant", f"messages[{i}].content",
                     f"is required for {m.role} messages")
@@ -204,12 +238,20 @@ class ChatCompletionRequest(GenerationRequest):
     def template_messages(self) -> list[dict]:
         return [m.to_template() for m in self.messages]
 
+    @property
+    def setup(self) -> ToolSetup:
+        if self._setup is None:
+            self._setup = tool_setup(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls,
+                                     guided=self._vllm_guided())
+        return self._setup
+
     def template_tools(self) -> list[dict] | None:
-        """OpenAI's {"type": "function", "function": {...}} -> the bare function schema MiniMax's template expects."""
-        if not self.tools:
-            return None
-        return [t["function"] if t.get("type") == "function" and isinstance(t.get("function"), dict) else t
-                for t in self.tools]
+        """OpenAI's {"type": "function", "function": {...}} -> the bare function schemas MiniMax's template expects;
+        None without tools or with tool_choice "none"."""
+        return self.setup.prompt_tools
+
+    def guided_spec(self) -> GuidedSpec | None:
+        return self.setup.guided
 
 
 # ---- token text ----------------------------------------------------------------------------------------------------
@@ -356,9 +398,25 @@ class CompletionBuilder(ResponseBuilder):
 
 
 class ChatBuilder(ResponseBuilder):
+    """Chat responses: the output is parsed into content, reasoning_content (MiniMax's <think> part) and tool_calls
+    (tool_parser.py). Streams carry the same as deltas; tool calls come whole, one delta entry per call with its
+    index, id, type, name and complete arguments. finish_reason is "tool_calls" when calls were made and the model
+    stopped by itself."""
+
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, request: ChatCompletionRequest, *args, **kwargs):
+        super().__init__(request, *args, **kwargs)
+        self.setup = request.setup
+        self.parser = self.setup.parser()
+
+    @staticmethod
+    def _finish_reason(choice: dict, called_tools: bool) -> dict:
+        if called_tools and choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
+        return choice
 
     def _logprobs(self, entries: list[TokenLogprobs]) -> dict:
         def entry(token_id, logprob):
@@ -369,7 +427,13 @@ class ChatBuilder(ResponseBuilder):
                             for e in entries]}
 
     def response(self, out: RequestOutput) -> dict:
-        choice = self._choice(out, message={"role": "assistant", "content": out.text})
+        parsed = self.setup.parse(out.text)
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.reasoning_content is not None:
+            message["reasoning_content"] = parsed.reasoning_content
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.message_tool_calls()
+        choice = self._finish_reason(self._choice(out, message=message), bool(parsed.tool_calls))
         extra = {"prompt_token_ids": self.prompt_ids} if self.return_token_ids else {}
         return self._envelope(self.response_object, [choice], usage=usage(out), **extra)
 
@@ -380,7 +444,11 @@ class ChatBuilder(ResponseBuilder):
         return [self._envelope(self.chunk_object, [choice], **extra)]
 
     def chunk(self, out: RequestOutput) -> dict | None:
-        if self._skip(out):
-            return None
-        delta = {"content": out.text} if out.text else {}
-        return self._envelope(self.chunk_object, [self._choice(out, delta=delta)])
+        delta = self.parser.feed(out.text) if out.text else {}
+        if out.finished:
+            for key, value in self.parser.finish().items():
+                delta[key] = delta[key] + value if key in delta else value
+        if not delta and not out.finished and not (self.return_token_ids or self.want_logprobs):
+            return None  # nothing to show yet (a token mid-character, or text held back by the parser)
+        choice = self._finish_reason(self._choice(out, delta=delta), self.parser.called_tools)
+        return self._envelope(self.chunk_object, [choice])

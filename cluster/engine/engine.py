@@ -50,6 +50,7 @@ class EngineConfig:
     expert_shards: int = 0  # 0: experts in the router process
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
+    expert_dtype: str | None = None  # "int8": weight-only int8 experts
     max_num_seqs: int = 16  # running sequences (= lightning state slots)
     max_num_batched_tokens: int = 256  # tokens per step: bounds a prefill chunk
     max_model_len: int = 4096  # prompt + generated tokens
@@ -137,9 +138,10 @@ class Engine:
         elif config.expert_shards:
             self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
                                              config.collective_timeout_s, config.padded_dispatch_max_rows,
-                                             sync_timing=config.profile)
+                                             sync_timing=config.profile, expert_dtype=config.expert_dtype)
         else:
-            self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device))
+            self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device,
+                                                         expert_dtype=config.expert_dtype))
         num_slots, num_blocks = self._cache_sizes(cfg)
         self.cache = ModelCache(cfg, num_slots, num_blocks, config.kv_block_size, self.dtype, self.device)
         self.cache_manager = CacheManager(num_slots, num_blocks, config.kv_block_size)
@@ -149,6 +151,8 @@ class Engine:
         self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
                                           device=self.device)
         self._bytes_reported = 0
+        self._gauges_time = 0.0
+        self._last_collective = time.monotonic()
         self.stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
         self._inbox: queue.Queue = queue.Queue()
         self._seqs: dict[str, Sequence] = {}
@@ -202,7 +206,13 @@ class Engine:
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, prompt_ids, params, sink or stream.queue.put, stop_ids, detok, generator=gen)
+        guide = None
+        if params.guided is not None:  # compiled here, so a schema llguidance cannot enforce is the client's 400
+            from .guided import create_guide
+
+            guide = create_guide(self.tokenizer, self.model_config.vocab_size, params.guided)
+        seq = Sequence(request_id, prompt_ids, params, sink or stream.queue.put, stop_ids, detok, generator=gen,
+                       guide=guide)
         self._inbox.put(("add", seq))
         return stream
 
@@ -281,16 +291,34 @@ class Engine:
                     return
                 self._apply(cmd)
                 continue  # drain the inbox before the next step
-            if self.config.request_timeout_s is not None:
-                self._expire(time.monotonic() - self.config.request_timeout_s)
-            if self.error is not None:
-                self._recover()
-            elif self.scheduler.has_work():
-                try:
-                    self.step()
-                except Exception as e:  # never leave requests hanging on an unexpected bug
-                    log.exception("engine step failed")
-                    self._fail_running(f"internal error: {type(e).__name__}: {e}")
+            try:
+                self._tick()
+            except Exception as e:  # never leave requests hanging (or the thread dead) on an unexpected bug
+                log.exception("engine step failed")
+                self._fail_running(f"internal error: {type(e).__name__}: {e}")
+
+    def _tick(self) -> None:
+        """One turn of the loop once the inbox is drained: timeouts, gauges, recovery or heartbeat, a step."""
+        if self.config.request_timeout_s is not None:
+            self._expire(time.monotonic() - self.config.request_timeout_s)
+        if self.metrics.enabled and time.monotonic() - self._gauges_time > 0.5:
+            self._record_gauges()  # Ray's OpenTelemetry export drops gauges not set recently
+        if self.error is not None:
+            self._recover()
+        elif not self.scheduler.has_work():
+            self._heartbeat_if_idle()
+        else:
+            self.step()
+
+    def _heartbeat_if_idle(self) -> None:
+        if time.monotonic() - self._last_collective < self.config.collective_timeout_s / 4:
+            return
+        self._last_collective = time.monotonic()
+        try:
+            self.experts.heartbeat()
+        except DispatchError as e:
+            log.error("expert-shard group failed while idle: %s", e)
+            self.error = "an expert shard failed or timed out"
 
     def _expire(self, arrived_before: float) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -312,6 +340,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        self._last_collective = time.monotonic()
         plan, admitted = self.scheduler.schedule()
         if not plan:
             return
@@ -328,6 +357,7 @@ class Engine:
             logits = self.model(batch, self.cache, self._moe, timer=self.profile)
         except DispatchError as e:
             log.error("expert-shard group failed: %s", e)
+            self._expert_counts.zero_()  # this step's routing never completed
             self.error = "an expert shard failed or timed out"
             self._fail_running("an expert shard failed or timed out during this request")
             return
@@ -347,6 +377,7 @@ class Engine:
         return self.experts.moe(layer, h, ids, weights)
 
     def _record_gauges(self) -> None:
+        self._gauges_time = time.monotonic()
         m, cm = self.metrics, self.cache_manager
         m.record("m1serve_num_requests_running", len(self.scheduler.running))
         m.record("m1serve_num_requests_waiting", len(self.scheduler.waiting))
@@ -371,7 +402,13 @@ class Engine:
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
         seqs = [c.seq for c in chunks]
-        banned = [sorted(s.stop_ids) if len(s.output_ids) < s.params.min_tokens else [] for s in seqs]
+        banned = [sorted(s.stop_ids) if len(s.output_ids) < s.params.min_tokens and s.guide is None else []
+                  for s in seqs]
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None]
+        if guided:  # grammar masks of all guided rows, computed together, applied before sampling
+            from .guided import apply_guides
+
+            logits = apply_guides(logits.float(), guided, [seqs[i].guide for i in guided])
         tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], banned)
         for seq, token, lp in zip(seqs, tokens, logprobs):
             self._append(seq, token, lp)
@@ -390,12 +427,17 @@ class Engine:
             self.metrics.record("m1serve_inter_token_latency_seconds", now - seq.last_token_time)
         seq.last_token_time = now
         reason = None
+        grammar_ended = seq.guide is not None and seq.guide.advance(token)  # EOS after a complete guided output
         if token in seq.stop_ids:
             reason = "stop"
         elif seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(token)
             if seq.params.stop:
                 reason = self._cut_at_stop_string(seq)
+        if reason is None and grammar_ended:  # also with ignore_eos: the grammar's end is the request's end
+            reason = "stop"
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
         if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
                                or seq.num_tokens >= self.config.max_model_len):
             reason = "length"

@@ -27,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives
+    # grammar-constrained decoding (cluster/engine/guided.py GuidedSpec: json_schema / json_object / regex / forced
+    # tool call); None: unconstrained. min_tokens does not apply to guided requests (the grammar decides the end).
+    guided: "GuidedSpec | None" = None  # noqa: F821
 
     def validate(self, max_logprobs: int = 20) -> "SamplingParams":
         def check(ok, name, message):
@@ -53,6 +56,11 @@ class SamplingParams:
               "must be an integer between 0 and max_tokens")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= max_logprobs), "logprobs",
               f"must be an integer between 0 and {max_logprobs}")
+        if self.guided is not None:
+            from .guided import GuidedSpec
+
+            check(isinstance(self.guided, GuidedSpec), "guided", "must be a GuidedSpec")
+            self.guided.validate()
         return self
 
     @property

@@ -52,6 +52,7 @@ class Sequence:
     text_sent: int = 0  # characters of text already streamed
     sent_prompt: bool = False
     generator: torch.Generator | None = None
+    guide: object | None = None  # guided.Guide: the grammar state of a guided request
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import dequantize_int8, quantize_int8  # noqa: F401  (re-exported)
+
 
 def dot_dtype(dtype):
     """Operand dtype for tl.dot: the input dtype, or fp32 under the interpreter (its bf16 dot is integer math)."""
@@ -195,14 +197,3 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
         BM=cfg2["BM"], BN=cfg2["BN"], BK=cfg2["BK"], GROUP_M=cfg2["GROUP_M"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"])
     return y
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 of w [..., out, in]: returns (int8 weights, fp32 scales [..., out])."""
-    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)

@@ -6,17 +6,31 @@ import torch
 import torch.nn.functional as F
 
 
-def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None):
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of w [..., out, in]: returns (int8 weights, fp32 scales [..., out])."""
+    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None):
     """x [N, H] sorted by expert, group_sizes[e] rows for local expert e, w13 [E, 2F, H] (w1 gate rows first,
-    then w3 up rows), w2 [E, H, F]. Returns [N, H] = w2(silu(w1 x) * w3 x), times weights [N] if given."""
+    then w3 up rows), w2 [E, H, F]. Returns [N, H] = w2(silu(w1 x) * w3 x), times weights [N] if given.
+    With scales, w13/w2 are int8 weight-only (per output channel, see quantize_int8)."""
     out = torch.empty_like(x)
     ffn = w2.shape[-1]
     start = 0
     for e, n in enumerate(group_sizes):
         if n:
             xe = x[start:start + n]
-            h = xe @ w13[e].T
-            out[start:start + n] = (F.silu(h[:, :ffn]) * h[:, ffn:]) @ w2[e].T
+            a = w13[e] if w13_scale is None else dequantize_int8(w13[e], w13_scale[e], x.dtype)
+            b = w2[e] if w2_scale is None else dequantize_int8(w2[e], w2_scale[e], x.dtype)
+            h = xe @ a.T
+            out[start:start + n] = (F.silu(h[:, :ffn]) * h[:, ffn:]) @ b.T
         start += n
     if weights is not None:
         out = out * weights[:, None].to(out.dtype)

@@ -2,7 +2,9 @@
 
 One program per (sequence, head, slice of BV value columns). It walks its sequence in chunks of C tokens, keeping the
 fp32 state slice S [D, BV] in registers from the first token to the last, so q/k/v are read once, o is written once
-and the state pool is touched once per sequence (read at the start, written at the end). Per chunk, rows i / cols j
+and the state pool is touched once per sequence (read at the start, written at the end); with very few programs
+(e.g. one sequence at 8 heads) long sequences are cut into segments first (see lightning_prefill_varlen). Per chunk,
+rows i / cols j
 0-based inside the chunk, m = tokens in the chunk:
     o = ((Q K^T) * D) V + (Q * lambda^(i+1)) S          D_ij = lambda^(i-j) for i >= j, else 0
     S = lambda^m S + (K * lambda^(m-1-j))^T V

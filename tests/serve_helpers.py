@@ -1,0 +1,95 @@
+"""Starting `m1serve serve` as a subprocess for end-to-end tests, and poking at its processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240.0, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"m1serve serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("server did not become healthy")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, http: int, grpc: int, metrics: int, model: str, log_path: Path):
+        self.proc, self.model, self.log_path = proc, model, log_path
+        self.url, self.grpc, self.metrics_url = f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", \
+            f"http://127.0.0.1:{metrics}/metrics"
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric over its label sets, from Ray's metrics export (NaN if absent)."""
+        text = httpx.get(self.metrics_url, timeout=10).text
+        values = [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        return sum(values) if values else float("nan")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+@contextmanager
+def running_server(model: Path, log_dir: Path, *extra: str, env: dict | None = None, shards: int = 2):
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    log_path = log_dir / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--expert-shards", str(shards),
+         "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *extra],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})})
+    server = Server(proc, http, grpc_port, metrics, model.name, log_path)
+    try:
+        wait_healthy(server.url, proc)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        print(server.log_tail())
+
+
+def replica_pids(deployment: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:m1serve:{deployment}"], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def replica_pid(deployment: str) -> int:
+    pids = replica_pids(deployment)
+    assert len(pids) == 1, (deployment, pids)
+    return pids[0]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
