@@ -16,6 +16,8 @@ from model_shards.config import ModelConfig
 from .deployments import ExpertShard, Router
 
 ROUTER_NAME = "Router"
+ENGINE_FIELDS = ("dtype", "expert_dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_len",
+                 "max_tokens_per_request", "request_timeout_s", "cache_memory_gb", "collective_timeout_s")
 APP_NAME = "m1serve"
 
 
@@ -67,10 +69,7 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs(**args)
     name = args.model_name or Path(args.model).name
     runtime_env = {"env_vars": dict(args.env)} if args.env else {}
-    engine = dict(dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
-                  max_tokens_per_request=args.max_tokens_per_request, request_timeout_s=args.request_timeout_s,
-                  cache_memory_gb=args.cache_memory_gb, collective_timeout_s=args.collective_timeout_s)
+    engine = {name: getattr(args, name) for name in ENGINE_FIELDS}
     shard_deployment = serve.deployment(ExpertShard)
     shards = [
         shard_deployment.options(

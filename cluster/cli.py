@@ -89,7 +89,8 @@ def cmd_serve(args) -> int:
     from cluster.app import APP_NAME, AppArgs, build_app
 
     app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
-                       dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs, router_gpus=args.router_gpus,
+                       dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs,
+                       router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,

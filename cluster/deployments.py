@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+import grpc
 import ray
 import torch
 from ray import serve
@@ -139,6 +140,10 @@ class Router:
         async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context, self.metrics,
                                                            self.api_key):
             yield response
+        # Serve's proxy carries a stream's context only with its messages; a status set after the last one (or
+        # with none) reaches the client only if we raise: it then answers with the code we set.
+        if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
+            raise RuntimeError(grpc_context.details())
 
     def stats(self) -> dict:
         return self.engine.stats()

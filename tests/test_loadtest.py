@@ -8,6 +8,8 @@ breaks when requests or ray are imported first, as they are in this pytest proce
 
 from __future__ import annotations
 
+import importlib.util
+
 import csv
 import json
 import os
@@ -102,7 +104,8 @@ def test_run_summary_and_exit_status(tmp_path):
 # ---- slow: a real run ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    pytest.importorskip("locust", reason="the load test needs locust (pip install locust)")
+    # never import locust here: it monkey-patches with gevent and deadlocks this (threaded) process
+    assert importlib.util.find_spec("locust"), "the load test needs locust (pip install locust)"
     http, grpc_port, metrics = free_port(), free_port(), free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     # metrics every second; a long collective timeout so that the idle seconds before the load starts cannot break

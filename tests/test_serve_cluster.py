@@ -116,6 +116,9 @@ def test_grpc_unary_and_stream_give_the_same_tokens(server, expected):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(m1serve_pb2.GenerateRequest(text=PROMPT, max_tokens=0), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # through Serve's proxy a stream's error status must arrive too
+            list(stub.GenerateStream(m1serve_pb2.GenerateRequest(text=PROMPT, max_tokens=0), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
 
 
 def shard_pid(name: str) -> int:

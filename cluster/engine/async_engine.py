@@ -60,6 +60,6 @@ class AsyncEngine:
         """The whole result at once (all token ids, the full text, every logprob)."""
         outputs = [out async for out in self.stream(prompt, params, request_id)]
         first, last = outputs[0], outputs[-1]
-        return RequestOutput(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                             True, last.finish_reason, last.error, [lp for o in outputs for lp in o.logprobs],
+        return RequestOutput(last.request_id, [t for o in outputs for t in o.token_ids],
+                             "".join(o.text for o in outputs), True, last.finish_reason, last.error, [lp for o in outputs for lp in o.logprobs],
                              first.prompt_token_ids, last.num_prompt_tokens, last.num_output_tokens)

@@ -1,0 +1,822 @@
+"""One-command GPU benchmark of the whole cluster (issue 11).
+
+    python3 bench/gpu_cluster.py --out DIR                      # on a 3+ GPU machine (router GPU + 2 shard GPUs)
+    python3 bench/gpu_cluster.py --out DIR --device cpu --tiny  # the same phases on CPU (gloo), tiny dims
+
+Phases, each in its own subprocess with a time cap (a hang or crash in one leaves the others' results); each
+writes DIR/<phase>.json, and `report` assembles DIR/gpu-cluster.json + DIR/gpu-cluster.md:
+
+  env       GPUs, versions; roofline inputs measured on GPU 0: device-to-device copy bandwidth, bf16 GEMM rate
+  ckpt      bench/make_scaled_checkpoint.py: random MiniMax-M1 checkpoint at real per-layer dims, few layers,
+            published layout, generated on the GPU (skipped when already there)
+  dispatch  router <-> shards traffic alone, over NCCL (gloo on CPU): our RouterDispatcher/ShardWorker protocol vs
+            raw all_to_all_single of the same bytes, per layer round trip, plus an alpha + bytes/bandwidth fit
+  engine    the engine in-process (router on GPU 0, ProcessShardGroup shards on the next GPUs, NCCL) with
+            EngineConfig(profile=True): decode tok/s at concurrency 1 and 64, ms/step per part, split into the
+            prefill and the decode phase, attention split into lightning / softmax layers
+  serve     `m1serve serve` (python3 -m cluster.cli serve: Ray Serve, router deployment on one GPU, one expert-shard
+            deployment per GPU) + a fixed streaming workload over the OpenAI HTTP API: TTFT / ITL percentiles,
+            output tokens/s
+  longctx   the engine in-process at one sequence with 8K / 32K / 128K-token prompts: decode ms/step per part
+            (lightning layers' cost per token should stay flat; the softmax layer's grows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PHASES = ("env", "ckpt", "dispatch", "engine", "serve", "longctx")
+CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "serve": 240, "longctx": 150}
+MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "serve": 70, "longctx": 45}
+NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def save(args, name: str, data: dict) -> None:
+    Path(args.work, f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+
+
+def pct(values, q):
+    if not values:
+        return None
+    v = sorted(values)
+    i = min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))
+    return v[i]
+
+
+def percentiles(values, scale=1e3) -> dict:
+    return {f"p{q}": (None if not values else pct(values, q) * scale) for q in (50, 90, 99)} | {
+        "mean": (sum(values) / len(values) * scale) if values else None, "n": len(values)}
+
+
+def sync(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# env
+def phase_env(args) -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": sys.version.split()[0], "device": args.device,
+            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "date": dt.date.today().isoformat(), "env": {k: os.environ.get(k) for k in NCCL_SAFE}}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or None
+    except Exception:
+        info["commit"] = None
+    info["commit"] = info["commit"] or os.environ.get("GPU_CLUSTER_COMMIT")
+    for mod in ("triton", "ray", "safetensors", "tokenizers", "grpc", "google.protobuf", "fastapi", "pydantic",
+                "prometheus_client", "llguidance", "aiohttp", "transformers", "jinja2"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            info[f"ver_{mod}"] = getattr(m, "__version__", "?")
+        except Exception as e:
+            info[f"ver_{mod}"] = f"missing ({type(e).__name__})"
+    if args.device != "cuda":
+        info.update(card="cpu", copy_TBps=None, gemm_TFLOPs=None)
+        return info
+    info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["gpu_mem_GiB"] = [torch.cuda.get_device_properties(i).total_memory / 2**30
+                           for i in range(torch.cuda.device_count())]
+    info["card"] = info["gpus"][0]
+    try:
+        info["nvidia_smi_topo"] = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
+                                                 timeout=20).stdout
+    except Exception as e:
+        info["nvidia_smi_topo"] = str(e)
+    dev = torch.device("cuda", 0)
+    a = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(dev)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(20):
+        b.copy_(a)
+    ev[1].record()
+    sync(dev)
+    info["copy_TBps"] = 2 * a.numel() * 20 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
+    del a, b
+    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    sync(dev)
+    ev[0].record()
+    for _ in range(10):
+        x @ y
+    ev[1].record()
+    sync(dev)
+    info["gemm_TFLOPs"] = 2 * 8192**3 * 10 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ckpt
+def phase_ckpt(args) -> dict:
+    from bench.make_scaled_checkpoint import scaled_config, write_scaled_checkpoint
+    from model_shards.checkpoint import INDEX_FILE
+
+    path = Path(args.model)
+    if (path / "config.json").exists() and (path / INDEX_FILE).exists() and (path / "tokenizer.json").exists():
+        return {"path": str(path), "reused": True}
+    cfg = scaled_config(args.layers, args.vocab, args.full_every, args.tiny)
+    res = write_scaled_checkpoint(path, cfg, "cuda" if args.device == "cuda" else "cpu")
+    res["reused"] = False
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch: RouterDispatcher vs raw all_to_all_single
+class _EchoExperts:
+    """Shard-side stand-in for the experts: returns its input (one copy), so only the protocol is measured."""
+
+    def forward(self, layer, x, ids, weights):
+        return x.contiguous()
+
+
+def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, experts, top_k, result_path):
+    import torch
+    import torch.distributed as dist
+
+    from cluster.dispatch import RouterDispatcher, ShardWorker, meta_columns
+
+    for k, v in NCCL_SAFE.items():
+        os.environ.setdefault(k, v)
+    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=dt.timedelta(seconds=60),
+                            **({"device_id": dev} if dev.type == "cuda" else {}))
+    N = world - 1
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    width = hidden + meta_columns(dtype, top_k)
+    eps = experts // N
+    rows_out = []
+    with torch.inference_mode():
+        for T in sizes:
+            gen = torch.Generator().manual_seed(T)  # same routing on every rank
+            ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(T)]).to(dev)
+            weights = torch.rand(T, top_k, generator=gen).to(dev, dtype)
+            h = torch.randn(T, hidden, generator=gen).to(dev, dtype)
+            padded = T * N <= 512
+            shard_of = (ids // eps).cpu()
+            counts = [T] * N if padded else [int((shard_of == s).any(-1).sum()) for s in range(N)]
+            # ---- ours
+            warm = 3
+            if rank == 0:
+                disp = RouterDispatcher(N, experts, hidden, top_k, dev, padded_max_rows=512)
+                for i in range(warm + steps):
+                    if i == warm:
+                        sync(dev)
+                        t0 = now()
+                    disp.begin_step(T)
+                    for layer in range(layers):
+                        disp(layer, h, ids, weights)
+                sync(dev)
+                ours = (now() - t0) / (steps * layers)
+                disp.shutdown()
+            else:
+                ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+            dist.barrier()
+            # ---- raw all_to_all_single of the same bytes (forward rows with routing meta, answers back)
+            if rank == 0:
+                send_f = torch.randn(sum(counts), width, device=dev).to(dtype)
+                recv_f = send_f.new_empty(0, width)
+                recv_b = send_f.new_empty(sum(counts), hidden)
+                send_b = send_f.new_empty(0, hidden)
+                f_in, f_out, b_in, b_out = [0] + counts, [0] * world, [0] * world, [0] + counts
+            else:
+                n = counts[rank - 1]
+                send_f = torch.empty(0, width, device=dev, dtype=dtype)
+                recv_f = torch.empty(n, width, device=dev, dtype=dtype)
+                send_b = torch.randn(n, hidden, device=dev).to(dtype)
+                recv_b = send_b.new_empty(0, hidden)
+                f_in, f_out, b_in, b_out = [0] * world, [n] + [0] * N, [n] + [0] * N, [0] * world
+            for i in range(warm + steps):
+                if i == warm:
+                    sync(dev)
+                    t0 = now()
+                for layer in range(layers):
+                    dist.all_to_all_single(recv_f, send_f, f_out, f_in)
+                    dist.all_to_all_single(recv_b, send_b, b_out, b_in)
+            sync(dev)
+            raw = (now() - t0) / (steps * layers)
+            dist.barrier()
+            if rank == 0:
+                elem = torch.empty((), dtype=dtype).element_size()
+                rows_out.append({"tokens": T, "mode": "padded" if padded else "exact", "rows_per_shard": counts,
+                                 "bytes_per_layer": sum(counts) * (width + hidden) * elem,
+                                 "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw})
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(rows_out))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def phase_dispatch(args) -> dict:
+    import torch.multiprocessing as mp
+
+    from model_shards.config import ModelConfig
+
+    cfg = ModelConfig.from_file(args.model)
+    world = args.shards + 1
+    sizes = [1, 8, 64, 256, 1024, 4096] if not args.tiny else [1, 8, 64, 256]
+    layers, steps = cfg.num_hidden_layers, (20 if args.device == "cuda" else 5)
+    result = Path(args.work, "dispatch_rows.tmp.json")
+    mp.spawn(_dispatch_rank, args=(world, _free_port(), args.device, sizes, layers, steps, cfg.hidden_size,
+                                   cfg.num_local_experts, cfg.num_experts_per_tok, str(result)), nprocs=world)
+    rows = json.loads(result.read_text())
+    result.unlink()
+    # alpha + bytes / bandwidth, least squares on the raw rows
+    xs, ys = [r["bytes_per_layer"] for r in rows], [r["raw_ms"] / 1e3 for r in rows]
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    alpha = my - slope * mx
+    for r in rows:
+        r["model_ms"] = (alpha + slope * r["bytes_per_layer"]) * 1e3
+    return {"world": world, "layers_per_step": layers, "steps": steps, "rows": rows,
+            "fit": {"alpha_us": alpha * 1e6, "bandwidth_GBps": (1 / slope / 1e9) if slope > 0 else None,
+                    "note": "per layer round trip = 2 all_to_all_single (to the shards, back); alpha covers both"}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engine (in-process, ProcessShardGroup) and longctx
+ATTN_SPLIT: dict[str, float] = defaultdict(float)
+
+
+def _patch_attention_timers(device):
+    """Times lightning and softmax attention layers apart (bench-only wrapper; profile mode syncs anyway)."""
+    import model_shards.router_part as rp
+
+    for cls, key in ((rp.LightningAttention, "attention.lightning"), (rp.SoftmaxAttention, "attention.softmax")):
+        orig = cls.forward
+
+        def timed(self, *a, _orig=orig, _key=key, **k):
+            sync(device)
+            t0 = now()
+            out = _orig(self, *a, **k)
+            sync(device)
+            ATTN_SPLIT[_key] += now() - t0
+            return out
+
+        cls.forward = timed
+
+
+def _snapshot(engine) -> dict:
+    snap = dict(engine.profile.seconds) | {k: v for k, v in ATTN_SPLIT.items()}
+    d = getattr(engine.experts, "dispatcher", None)
+    if d is not None:
+        snap.update({f"moe.{k}": getattr(d.times, k) for k in ("dispatch", "experts", "combine")})
+    snap["_steps"] = engine.profile.steps
+    snap["_tokens"] = engine.profile.tokens
+    return snap
+
+
+def _per_step(a: dict, b: dict) -> dict:
+    steps = max(b["_steps"] - a["_steps"], 1)
+    out = {k: 1e3 * (b[k] - a.get(k, 0.0)) / steps for k in b if not k.startswith("_")}
+    out["total"] = sum(out.get(k, 0.0) for k in ("attention", "gate", "moe", "lm_head", "sampling"))
+    return out
+
+
+def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
+    """Like cluster.bench_engine._one_level, but the profile is cut where the last first token arrives: a prefill
+    phase and a pure decode phase, each with its own ms/step breakdown."""
+    from cluster.engine.sampling import SamplingParams
+
+    rng = random.Random(concurrency * 7919 + prompt_len)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    first, done, token_times = {}, {}, defaultdict(list)
+    snaps = {}
+    all_done = threading.Event()
+
+    def sink_for(rid):
+        def sink(out):  # engine thread
+            t = now()
+            if out.token_ids:
+                token_times[rid].append(t)
+            if rid not in first:
+                first[rid] = t
+                if len(first) == concurrency:
+                    snaps["decode_start"] = _snapshot(engine)
+            if out.finished:
+                done[rid] = t
+                if len(done) == concurrency:
+                    snaps["end"] = _snapshot(engine)
+                    all_done.set()
+        return sink
+
+    start = _snapshot(engine)
+    t0 = now()
+    for i in range(concurrency):
+        rid = f"b{concurrency}-{prompt_len}-{i}"
+        engine.submit([rng.randrange(vocab) for _ in range(prompt_len)], params, rid, sink_for(rid))
+    if not all_done.wait(timeout=600):
+        raise RuntimeError("level did not finish")
+    t_end = max(done.values())
+    decode_start = max(first.values())
+    ds, end = snaps["decode_start"], snaps["end"]
+    decode_steps = end["_steps"] - ds["_steps"]
+    itl = [b - a for ts in token_times.values() for a, b in zip(ts, ts[1:])]
+    ttft = [first[r] - t0 for r in first]
+    return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
+            "wall_s": t_end - t0, "prefill_s": decode_start - t0,
+            "prefill_tok_s": concurrency * prompt_len / max(decode_start - t0, 1e-9),
+            "output_tok_s": concurrency * max_tokens / (t_end - t0),
+            "decode_tok_s": concurrency * (max_tokens - 1) / max(t_end - decode_start, 1e-9),
+            "decode_steps": decode_steps, "decode_ms_per_step_wall": 1e3 * (t_end - decode_start) / max(decode_steps, 1),
+            "prefill_steps": ds["_steps"] - start["_steps"],
+            "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
+            "decode_ms_per_step": _per_step(ds, end), "prefill_ms_per_step": _per_step(start, ds)}
+
+
+def _engine(args, max_model_len: int, max_num_seqs: int):
+    from cluster.engine.engine import Engine, EngineConfig
+
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    _patch_attention_timers(device)
+    cfg = EngineConfig(model=args.model, expert_shards=args.shards, device=device,
+                       dtype="bfloat16" if args.device == "cuda" else None, max_num_seqs=max_num_seqs,
+                       max_model_len=max_model_len, max_num_batched_tokens=args.chunk, profile=True,
+                       collective_timeout_s=120.0)
+    t0 = now()
+    engine = Engine(cfg)
+    return engine, now() - t0, cfg
+
+
+def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_seqs: int) -> dict:
+    max_len = max(p + m for _, p, m in levels) + 16
+    engine, load_s, cfg = _engine(args, max_len, max_num_seqs)
+    result = {"load_s": load_s, "config": {k: v for k, v in vars(cfg).items()}, "rows": []}
+    try:
+        run_level(engine, 1, 64, 4)  # warm-up: Triton compiles, NCCL connects
+        run_level(engine, min(max_num_seqs, 8), min(300, max_len - 8), 4)
+        for c, p, m in levels:
+            t0 = now()
+            row = run_level(engine, c, p, m)
+            result["rows"].append(row)
+            save(args, name, result)  # partial results survive a later hang
+            print(f"[{name}] conc={c} prompt={p} out={m}: decode {row['decode_tok_s']:.1f} tok/s, "
+                  f"{row['decode_ms_per_step']['total']:.2f} ms/step ({now() - t0:.1f}s)", flush=True)
+    finally:
+        engine.shutdown()
+    return result
+
+
+def phase_engine(args) -> dict:
+    t = args.engine_tokens
+    return _levels_phase(args, "engine", [(1, args.prompt_len, t), (args.concurrency, args.prompt_len, t)],
+                         args.concurrency)
+
+
+def phase_longctx(args) -> dict:
+    return _levels_phase(args, "longctx", [(1, p, args.long_tokens) for p in args.long_prompts], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve: m1serve serve + a streaming workload
+async def _stream_one(session, url, body) -> dict:
+    t_send = now()
+    times, counts, usage, error = [], [], None, None
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                return {"error": f"HTTP {r.status}: {(await r.text())[:300]}", "t_send": t_send, "t_end": now()}
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                obj = json.loads(data)
+                if obj.get("error"):
+                    error = str(obj["error"])[:300]
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                for ch in obj.get("choices") or []:
+                    n = len(ch.get("token_ids") or []) or (1 if ch.get("text") else 0)
+                    if n:
+                        times.append(now())
+                        counts.append(n)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"t_send": t_send, "t_end": now(), "times": times, "counts": counts, "usage": usage, "error": error}
+
+
+async def _workload(port: int, model_name: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int,
+                    seed: int) -> dict:
+    import aiohttp
+
+    rng = random.Random(seed)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    bodies = [{"model": model_name, "prompt": [rng.randrange(vocab) for _ in range(prompt_len)],
+               "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+               "return_token_ids": True, "stream_options": {"include_usage": True}} for _ in range(concurrency)]
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        t0 = now()
+        res = await asyncio.gather(*[_stream_one(session, url, b) for b in bodies])
+        t1 = now()
+    ok = [r for r in res if not r.get("error") and r.get("times")]
+    ttft = [r["times"][0] - r["t_send"] for r in ok]
+    itl = []
+    for r in ok:
+        for a, b, n in zip(r["times"], r["times"][1:], r["counts"][1:]):
+            itl.extend([(b - a) / n] * n)
+    out_tokens = sum((r["usage"] or {}).get("completion_tokens") or sum(r["counts"]) for r in ok)
+    last_first = max((r["times"][0] for r in ok), default=t0)
+    decode_tokens = sum(sum(n for t, n in zip(r["times"], r["counts"]) if t > last_first) for r in ok)
+    return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens, "ok": len(ok),
+            "errors": [r["error"] for r in res if r.get("error")][:5], "wall_s": t1 - t0,
+            "output_tokens": out_tokens, "output_tok_s": out_tokens / (t1 - t0),
+            "decode_tok_s_after_last_first_token": decode_tokens / max(t1 - last_first, 1e-9),
+            "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
+            "e2e_s": percentiles([r["t_end"] - r["t_send"] for r in ok], 1)}
+
+
+def phase_serve(args) -> dict:
+    from model_shards.config import ModelConfig
+
+    cfg = ModelConfig.from_file(args.model)
+    gpu = args.device == "cuda"
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--expert-shards", str(args.shards),
+           "--router-gpus", "1" if gpu else "0", "--gpus-per-shard", "1" if gpu else "0",
+           "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.prompt_len + args.serve_tokens + 64),
+           "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
+           "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
+    if gpu:
+        cmd += ["--dtype", "bfloat16"]
+    env = dict(os.environ) | NCCL_SAFE | {"PYTHONPATH": os.pathsep.join(
+        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]),
+        "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
+        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    log_path = Path(args.work, "m1serve-server.log")
+    log = open(log_path, "w")
+    t0 = now()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    result = {"command": " ".join(cmd[1:]), "log": str(log_path)}
+    try:
+        deadline = t0 + args.serve_start_timeout
+        while now() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"m1serve serve exited with {proc.returncode} before ready")
+            if "m1serve: ready" in log_path.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"m1serve serve not ready within {args.serve_start_timeout}s")
+        result["startup_s"] = now() - t0
+        print(f"[serve] ready in {result['startup_s']:.1f}s", flush=True)
+        name = Path(args.model).name
+        w = asyncio.run(_workload(args.http_port, name, 2, 64, 8, cfg.vocab_size, 1))  # warm-up
+        result["warmup"] = {k: w[k] for k in ("ok", "errors", "wall_s")}
+        save(args, "serve", result)
+        main = asyncio.run(_workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens,
+                                     cfg.vocab_size, 2))
+        result["workload"] = main
+        print(f"[serve] {main['ok']}/{args.concurrency} ok, {main['output_tok_s']:.1f} output tok/s, TTFT p50 "
+              f"{main['ttft_ms']['p50']} ms, ITL p50 {main['itl_ms']['p50']} ms", flush=True)
+        save(args, "serve", result)
+        try:
+            import urllib.request
+
+            text = urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/metrics", timeout=10).read().decode()
+            keep = [ln for ln in text.splitlines() if "m1serve" in ln and not ln.startswith("#")]
+            Path(args.out, "metrics.txt").write_text("\n".join(keep) + "\n")
+            result["metrics_lines"] = len(keep)
+        except Exception as e:
+            result["metrics_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        result["exit_code"] = proc.returncode
+        log.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# roofline + report
+def decode_floor_ms(cfg, env: dict, shards: int, batch: int, context: int) -> dict | None:
+    """HBM/GEMM floor of one decode step: per layer, the router's attention (weights, lightning state read+write,
+    KV read) then the busiest shard's experts (each touched expert's weights once), then the LM head. Router and
+    shards run one after the other in a layer, so the floors add. Dispatch (NVLink) not included."""
+    bw, rate = env.get("copy_TBps"), env.get("gemm_TFLOPs")
+    if not bw or not rate:
+        return None
+    bw, rate = bw * 1e12, rate * 1e12
+    H, q, kv, F, E, K = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.num_local_experts,
+                         cfg.num_experts_per_tok)
+    d, heads = cfg.head_dim, cfg.num_attention_heads
+    touched = (E / shards) * (1 - (1 - K / E) ** batch)  # expected experts touched per shard
+    total = router_total = experts_total = 0.0
+    for t in cfg.layer_types:
+        if t == "linear_attention":
+            params = 5 * q * H
+            extra = batch * heads * d * d * 4 * 2  # fp32 state read + write
+        else:
+            params = (2 * q + 2 * kv) * H
+            extra = batch * context * 2 * kv * 2  # bf16 K and V read
+        r = max((2 * params + extra + E * H * 4) / bw, 2 * batch * params / rate)
+        x = max(touched * 3 * H * F * 2 / bw, 2 * batch * K / shards * 3 * H * F / rate)
+        router_total += r
+        experts_total += x
+        total += r + x
+    lm = max(cfg.vocab_size * H * 2 / bw, 2 * batch * cfg.vocab_size * H / rate)
+    total += lm
+    return {"total_ms": total * 1e3, "router_attention_ms": router_total * 1e3, "experts_ms": experts_total * 1e3,
+            "lm_head_ms": lm * 1e3, "batch": batch, "context": context, "experts_touched_per_shard": touched}
+
+
+def fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def report(args, phase_status: dict) -> dict:
+    data = {"phases": phase_status}
+    for name in PHASES:
+        p = Path(args.work, f"{name}.json")
+        data[name] = json.loads(p.read_text()) if p.exists() else None
+    env = data["env"] or {}
+    card = (env.get("card") or "cpu").replace("NVIDIA ", "").replace(" ", "-")
+    date = env.get("date") or dt.date.today().isoformat()
+    cfg = None
+    try:
+        from model_shards.config import ModelConfig
+
+        cfg = ModelConfig.from_file(args.model)
+    except Exception:
+        pass
+    L = []
+    L.append(f"# GPU cluster benchmark: {card}, {date}\n")
+    L.append(f"- card: **{env.get('card')}** x {env.get('cuda_devices')}, torch {env.get('torch')}, NCCL "
+             f"{env.get('nccl')}, triton {env.get('ver_triton')}, ray {env.get('ver_ray')}")
+    L.append(f"- commit: `{env.get('commit')}` (plus the uncommitted working tree of the run)")
+    L.append(f"- command: `python3 bench/gpu_cluster.py {' '.join(args.argv)}`")
+    if cfg is not None:
+        L.append(f"- checkpoint: random weights, MiniMax-M1 per-layer dims (hidden {cfg.hidden_size}, "
+                 f"{cfg.num_attention_heads} heads x {cfg.head_dim}, {cfg.num_key_value_heads} KV heads, rotary "
+                 f"{cfg.rotary_dim}, {cfg.num_local_experts} experts x {cfg.intermediate_size}, top-"
+                 f"{cfg.num_experts_per_tok}), {cfg.num_hidden_layers} layers "
+                 f"({', '.join('S' if t == 'full_attention' else 'L' for t in cfg.layer_types)}; L lightning, "
+                 f"S softmax), vocab {cfg.vocab_size} (real: 200064)")
+    ck = data["ckpt"] or {}
+    if ck.get("total_bytes"):
+        L.append(f"- checkpoint written on the GPU in {ck['seconds']:.1f}s: {ck['total_bytes'] / 1e9:.1f} GB "
+                 f"({ck['expert_bytes'] / 1e9:.1f} GB experts) in {ck['files']} files, "
+                 f"{ck['GB_per_s']:.2f} GB/s")
+    L.append(f"- roofline inputs measured on GPU 0 in the same run: copy {fmt(env.get('copy_TBps'))} TB/s "
+             f"(read+write), bf16 8192^3 GEMM {fmt(env.get('gemm_TFLOPs'), 0)} TFLOP/s")
+    L.append(f"- topology: router = GPU rank 0 of the group, {args.shards} expert shards (one GPU each)")
+    L.append("- phases: " + ", ".join(f"{k} {v}" for k, v in phase_status.items()) + "\n")
+
+    sv = (data["serve"] or {}).get("workload")
+    if sv:
+        L.append("## Serve: `m1serve serve` (Ray Serve, OpenAI HTTP streaming)\n")
+        L.append(f"startup (ray.init + Serve + load + group) {fmt((data['serve'] or {}).get('startup_s'), 1)} s. "
+                 f"Workload: {sv['concurrency']} concurrent streams, {sv['prompt_len']}-token prompts (random ids),"
+                 f" {sv['max_tokens']} output tokens each (ignore_eos, greedy).\n")
+        L.append("| ok | wall s | output tok/s | decode tok/s (after last first token) | TTFT p50 / p90 / p99 ms | "
+                 "ITL p50 / p90 / p99 ms |")
+        L.append("|---:|---:|---:|---:|---|---|")
+        t, i = sv["ttft_ms"], sv["itl_ms"]
+        L.append(f"| {sv['ok']}/{sv['concurrency']} | {fmt(sv['wall_s'], 1)} | {fmt(sv['output_tok_s'], 1)} | "
+                 f"{fmt(sv['decode_tok_s_after_last_first_token'], 1)} | {fmt(t['p50'], 0)} / {fmt(t['p90'], 0)} / "
+                 f"{fmt(t['p99'], 0)} | {fmt(i['p50'])} / {fmt(i['p90'])} / {fmt(i['p99'])} |")
+        if sv.get("errors"):
+            L.append(f"\nerrors: {sv['errors']}")
+        L.append("")
+    elif data["serve"] is not None or phase_status.get("serve"):
+        L.append(f"## Serve\n\nno workload result ({phase_status.get('serve')}); see logs.txt\n")
+
+    def breakdown_table(title, rows, phase_key, floor_ctx=None):
+        if not rows:
+            return
+        keys = ["attention", "attention.lightning", "attention.softmax", "gate", "moe", "moe.dispatch",
+                "moe.experts", "moe.combine", "lm_head", "sampling", "total"]
+        L.append(title + "\n")
+        hdr = "| conc | prompt | out | decode tok/s | wall ms/step | " + " | ".join(keys) + " | floor ms | x floor |"
+        L.append(hdr)
+        L.append("|" + "---:|" * (hdr.count("|") - 1))
+        for r in rows:
+            ms = r[phase_key]
+            floor = decode_floor_ms(cfg, env, args.shards, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
+                if cfg is not None and phase_key == "decode_ms_per_step" else None
+            r["decode_floor"] = floor
+            wall = r["decode_ms_per_step_wall"]
+            L.append(f"| {r['concurrency']} | {r['prompt_len']} | {r['max_tokens']} | {fmt(r['decode_tok_s'], 1)} | "
+                     f"{fmt(wall)} | " + " | ".join(fmt(ms.get(k)) for k in keys) +
+                     f" | {fmt(floor and floor['total_ms'])} | {fmt(floor and ms['total'] / floor['total_ms'])} |")
+        L.append("")
+
+    en = data["engine"]
+    if en and en.get("rows"):
+        L.append("## Engine in-process (router on cuda:0, ProcessShardGroup shards over NCCL, profile=True)\n")
+        L.append(f"load {fmt(en.get('load_s'), 1)} s; prefill chunk {args.chunk} tokens/step. ms/step per part "
+                 "(each part synchronised, so the parts add up to about the profiled step; wall ms/step is the "
+                 "unprofiled-looking wall time of the decode phase, with the syncs in it). `moe.experts` = waiting "
+                 "for the shards (their expert compute + the all_to_all back). Floor: HBM/GEMM floor of the step "
+                 "(`decode_floor_ms`: weights + state/KV bytes at the measured copy bandwidth, router and busiest "
+                 "shard in sequence per layer).\n")
+        breakdown_table("### Decode phase", en["rows"], "decode_ms_per_step")
+        L.append("### Prefill phase\n")
+        L.append("| conc | prompt | prefill s | prefill tok/s | steps | attention | attention.lightning | "
+                 "attention.softmax | moe | moe.experts | total ms/step | TTFT p50 / p99 ms |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in en["rows"]:
+            ms = r["prefill_ms_per_step"]
+            L.append(f"| {r['concurrency']} | {r['prompt_len']} | {fmt(r['prefill_s'])} | {fmt(r['prefill_tok_s'], 0)}"
+                     f" | {r['prefill_steps']} | " + " | ".join(fmt(ms.get(k)) for k in (
+                         "attention", "attention.lightning", "attention.softmax", "moe", "moe.experts", "total")) +
+                     f" | {fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p99'], 0)} |")
+        L.append("")
+    lc = data["longctx"]
+    if lc and lc.get("rows"):
+        L.append("## Long context (engine in-process, one sequence)\n")
+        breakdown_table("### Decode phase by prompt length", lc["rows"], "decode_ms_per_step")
+        base = lc["rows"][0]["decode_ms_per_step"]
+        L.append("| prompt | lightning ms/step | x vs first | softmax ms/step | x vs first | prefill s | prefill tok/s |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in lc["rows"]:
+            ms = r["decode_ms_per_step"]
+            li, so = ms.get("attention.lightning"), ms.get("attention.softmax")
+            L.append(f"| {r['prompt_len']} | {fmt(li, 3)} | {fmt(li and li / base['attention.lightning'])} | "
+                     f"{fmt(so, 3)} | {fmt(so and so / base['attention.softmax'])} | {fmt(r['prefill_s'])} | "
+                     f"{fmt(r['prefill_tok_s'], 0)} |")
+        L.append("")
+    di = data["dispatch"]
+    if di and di.get("rows"):
+        f = di["fit"]
+        L.append(f"## Dispatch: RouterDispatcher protocol vs raw all_to_all_single (same bytes), {di['world']} ranks\n")
+        L.append(f"Per MoE layer round trip on the router, echo experts on the shards, {di['layers_per_step']} layers "
+                 f"per step (our time includes the step header broadcast / {di['layers_per_step']}, packing, the "
+                 "count exchange in exact mode, and the combine). Fit of the raw rows: alpha "
+                 f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
+        L.append("| tokens | mode | bytes/layer | ours ms | raw ms | ours / raw | alpha+bytes/BW ms | ours / model |")
+        L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in di["rows"]:
+            L.append(f"| {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | {fmt(r['ours_ms'], 3)} | "
+                     f"{fmt(r['raw_ms'], 3)} | {fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
+                     f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
+        L.append("")
+    L.append("transformers' generate on the same checkpoint: not run by this script (see the report).\n")
+    data["markdown"] = "\n".join(L)
+    data["card"], data["date"] = card, date
+    Path(args.out, "gpu-cluster.json").write_text(json.dumps(data, indent=2, default=str))
+    Path(args.out, "gpu-cluster.md").write_text(data["markdown"])
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--work", default=None, help="scratch folder (logs); default: OUT")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: /dev/shm or /tmp)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny dims (CPU test)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--full-every", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--serve-tokens", type=int, default=256)
+    p.add_argument("--engine-tokens", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the in-process engine")
+    p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
+    p.add_argument("--long-tokens", type=int, default=32)
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
+    p.add_argument("--serve-start-timeout", type=float, default=150)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    return p
+
+
+def default_model_path(args) -> str:
+    import shutil
+
+    tag = f"m1-{'tiny' if args.tiny else 'real'}-{args.layers}l-v{args.vocab}"
+    need = 0 if args.tiny else args.layers * 32 * 3 * 6144 * 9216 * 2 * 1.1
+    for root in ("/dev/shm", "/tmp"):
+        try:
+            if Path(root, tag).exists() or shutil.disk_usage(root).free > need + 20e9:
+                return str(Path(root, tag))
+        except OSError:
+            pass
+    return str(Path("/tmp", tag))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = [a for a in argv]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    args.model = args.model or default_model_path(args)
+    if args.phase:  # child: run one phase
+        fn = globals()[f"phase_{args.phase}"]
+        save(args, args.phase, fn(args))
+        return 0
+    t_start = now()
+    status = {}
+    phases = [p for p in args.phases.split(",") if p]
+    child_argv = [a for a in argv if a != "--"] + ["--model", args.model]
+    for name in phases:
+        left = args.deadline_s - (now() - t_start)
+        if left < MIN_START[name]:
+            status[name] = f"skipped ({left:.0f}s left)"
+            print(f"== {name}: skipped, {left:.0f}s left", flush=True)
+            continue
+        if name != "ckpt" and name != "env" and status.get("ckpt", "ok").startswith(("failed", "timeout")):
+            status[name] = "skipped (no checkpoint)"
+            continue
+        cap = min(CAPS[name], left)
+        print(f"== {name} (cap {cap:.0f}s)", flush=True)
+        t0 = now()
+        log_path = Path(args.work, f"{name}.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, __file__, *child_argv, "--phase", name], cwd=REPO,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(os.environ) | NCCL_SAFE | {"PYTHONUNBUFFERED": "1"})
+            try:
+                rc = proc.wait(timeout=cap)
+                status[name] = "ok" if rc == 0 else f"failed (rc {rc})"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                status[name] = f"timeout ({cap:.0f}s)"
+        status[name] += f", {now() - t0:.0f}s"
+        print(f"== {name}: {status[name]}", flush=True)
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        print("\n".join("   | " + ln[:300] for ln in tail), flush=True)
+    data = report(args, status)
+    print(data["markdown"], flush=True)
+    # the logs' tails, in one file
+    with open(Path(args.out, "logs.txt"), "w") as f:
+        for name in phases + ["m1serve-server"]:
+            p = Path(args.work, f"{name}.log")
+            if p.exists():
+                lines = p.read_text(errors="replace").splitlines()
+                f.write(f"===== {p.name} ({len(lines)} lines; last 300)\n" + "\n".join(lines[-300:]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
