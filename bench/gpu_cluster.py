@@ -88,7 +88,8 @@ def phase_env(args) -> dict:
                                         timeout=10).stdout.strip() or None
     except Exception:
         info["commit"] = None
-    info["commit"] = info["commit"] or os.environ.get("GPU_CLUSTER_COMMIT")
+    if not (info["commit"] and len(info["commit"]) == 40):  # the device's copy of the tree may have no history
+        info["commit"] = os.environ.get("GPU_CLUSTER_COMMIT") or info["commit"]
     for mod in ("triton", "ray", "safetensors", "tokenizers", "grpc", "google.protobuf", "fastapi", "pydantic",
                 "prometheus_client", "llguidance", "aiohttp", "transformers", "jinja2"):
         try:
@@ -707,7 +708,8 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(r['raw_ms'], 3)} | {fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
                      f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
         L.append("")
-    L.append("transformers' generate on the same checkpoint: not run by this script (see the report).\n")
+    L.append("transformers' generate on the same checkpoint: not run (the checkpoint is in MiniMax's original layout; "
+             "transformers' MiniMax class needs its own config/naming).\n")
     data["markdown"] = "\n".join(L)
     data["card"], data["date"] = card, date
     Path(args.out, "gpu-cluster.json").write_text(json.dumps(data, indent=2, default=str))

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 
 from .dispatch import DispatchError, RouterDispatcher
-from .shard_group import join_group, master_store
+from .shard_group import FormedGroup, join_group, master_store
 
 log = logging.getLogger("m1serve.shards")
 
 
-class RayShardGroup:
+class RayShardGroup(FormedGroup):
     def __init__(self, shard_handles: list, num_experts: int, hidden: int, top_k: int, device, host: str,
                  timeout_s: float = 30.0, join_timeout_s: float = 300.0, padded_max_rows: int = 512,
                  sync_timing: bool = False):
@@ -65,31 +65,6 @@ class RayShardGroup:
     def _ask_join(self, shard: int, port: int):
         return self.handles[shard].join.remote(self.host, port, shard + 1, self.num_shards + 1, self.timeout_s,
                                                self.join_timeout_s)
-
-    def begin_step(self, num_tokens: int) -> None:
-        if not self.healthy:
-            raise DispatchError("expert-shard group is down")
-        try:
-            self.dispatcher.begin_step(num_tokens)
-        except DispatchError:
-            self.healthy = False
-            raise
-
-    def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.dispatcher(layer, h, ids, weights)
-        except DispatchError:
-            self.healthy = False
-            raise
-
-    def heartbeat(self) -> None:
-        if not self.healthy:
-            return
-        try:
-            self.dispatcher.heartbeat()
-        except DispatchError:
-            self.healthy = False
-            raise
 
     def restart(self) -> None:
         self._leave()

@@ -118,7 +118,33 @@ def _shard_process_main(*args) -> None:
         os._exit(3)  # the group broke; the router sees it too and decides what happens next
 
 
-class ProcessShardGroup:
+class FormedGroup:
+    """The router's side of a formed group: a call that fails marks the group down (the engine then re-forms it)."""
+
+    dispatcher: RouterDispatcher | None = None
+    healthy: bool = False
+
+    def _call(self, fn, *args):
+        if not self.healthy:
+            raise DispatchError("expert-shard group is down")
+        try:
+            return fn(*args)
+        except DispatchError:
+            self.healthy = False
+            raise
+
+    def begin_step(self, num_tokens: int) -> None:
+        self._call(self.dispatcher.begin_step, num_tokens)
+
+    def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._call(self.dispatcher, layer, h, ids, weights)
+
+    def heartbeat(self) -> None:
+        if self.healthy:
+            self._call(self.dispatcher.heartbeat)
+
+
+class ProcessShardGroup(FormedGroup):
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
@@ -134,13 +160,6 @@ class ProcessShardGroup:
         self.dispatcher: RouterDispatcher | None = None
         self.healthy = False
         self.start()
-
-    def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.dispatcher(layer, h, ids, weights)
-        except DispatchError:
-            self.healthy = False
-            raise
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -165,26 +184,11 @@ class ProcessShardGroup:
         self.healthy = True
 
     def begin_step(self, num_tokens: int) -> None:
-        if not self.healthy:
-            raise DispatchError("expert-shard group is down")
         dead = [p.name for p in self.procs if not p.is_alive()]
         if dead:
             self.healthy = False
             raise DispatchError(f"expert shard process exited: {', '.join(dead)}")
-        try:
-            self.dispatcher.begin_step(num_tokens)
-        except DispatchError:
-            self.healthy = False
-            raise
-
-    def heartbeat(self) -> None:
-        if not self.healthy:
-            return
-        try:
-            self.dispatcher.heartbeat()
-        except DispatchError:
-            self.healthy = False
-            raise
+        super().begin_step(num_tokens)
 
     def restart(self) -> None:
         """Tears the broken group down and forms a new one with fresh shard processes."""

@@ -142,8 +142,10 @@ def test_bad_input_table_over_http_and_grpc(server):
 def test_full_queue_answers_429_and_resource_exhausted(server):
     results = []
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream_events, server, None, max_tokens=3000) for _ in range(8)]
-        wait_metric(server, "ray_m1serve_num_requests_waiting", lambda v: v >= 4)
+        futures = [pool.submit(stream_events, server, None, max_tokens=3000) for _ in range(4)]
+        wait_metric(server, "ray_m1serve_num_requests_running", lambda v: v == 4)
+        futures += [pool.submit(stream_events, server, None, max_tokens=3000) for _ in range(4)]
+        wait_metric(server, "ray_m1serve_num_requests_waiting", lambda v: v == 4)
         r = completion(server)
         assert r.status_code == 429 and "retry-after" in r.headers
         with grpc.insecure_channel(server.grpc) as channel:
