@@ -90,7 +90,7 @@ def cmd_serve(args) -> int:
 
     app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
                        dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs,
-                       router_gpus=args.router_gpus,
+                       max_num_batched_tokens=args.max_num_batched_tokens, router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per step (bounds a prefill chunk)")
     p.add_argument("--router-gpus", type=float, default=0)
     p.add_argument("--gpus-per-shard", type=float, default=0)
     p.add_argument("--collective-timeout-s", type=float, default=30.0)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GRPC_AUTH = (("authorization", f"Bearer {KEY}"),)
-TIMEOUT_S = 8
+TIMEOUT_S = 15
 
 
 @pytest.fixture(scope="module")
