@@ -32,7 +32,8 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.experts import grouped_swiglu  # noqa: E402
-from kernels.experts.grouped import dequantize_int8, grouped_swiglu_triton, quantize_int8  # noqa: E402
+from kernels.experts.grouped import grouped_swiglu_triton  # noqa: E402
+from kernels.experts.reference import dequantize_int8, quantize_int8  # noqa: E402
 from kernels.experts.reference import grouped_swiglu as experts_reference  # noqa: E402
 from kernels.lightning import lightning_attention  # noqa: E402
 from kernels.lightning.decode import lightning_decode_pool  # noqa: E402

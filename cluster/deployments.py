@@ -15,7 +15,6 @@ import time
 import grpc
 import ray
 import torch
-from ray import serve
 
 from model_shards.config import ModelConfig
 from model_shards.expert_part import expert_range

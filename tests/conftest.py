@@ -242,3 +242,19 @@ def tiny_ckpt(model_cases) -> ModelCase:
 def tiny_ckpt_tf(tiny_ckpt, tmp_path_factory) -> Path:
     """The default tiny checkpoint rewritten in transformers naming."""
     return write_transformers_naming(tiny_ckpt.path, tmp_path_factory.mktemp("tf_naming") / "ckpt", tiny_ckpt.cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """make-tiny output: the published layout plus tokenizer, as `m1serve make-tiny` writes it."""
+    from model_shards.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("engine") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_parts(tiny_model):
+    """The single-process model of tiny_model: router part and all experts, fp32."""
+    from model_shards.loading import load_expert_part, load_router_part
+
+    return load_router_part(tiny_model, torch.float32), load_expert_part(tiny_model, dtype=torch.float32)

@@ -1,20 +1,10 @@
-"""Fixtures and helpers shared by the engine and cluster tests."""
+"""Helpers shared by the engine and cluster tests (their fixtures tiny_model and reference_parts are in conftest)."""
 
 from __future__ import annotations
 
 import time
 
-import pytest
-import torch
-
 from conftest import Runner
-from model_shards.tiny import make_tiny
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """make-tiny output: the published layout plus tokenizer, as `m1serve make-tiny` writes it."""
-    return make_tiny(tmp_path_factory.mktemp("engine") / "tiny")
 
 
 def greedy_reference(router, experts, prompt: list[int], n: int) -> list[int]:
@@ -27,13 +17,6 @@ def greedy_reference(router, experts, prompt: list[int], n: int) -> list[int]:
         out.append(int(logits[-1].argmax()))
         logits = runner.step([(seq, [out[-1]])])
     return out
-
-
-@pytest.fixture(scope="session")
-def reference_parts(tiny_model):
-    from model_shards.loading import load_expert_part, load_router_part
-
-    return load_router_part(tiny_model, torch.float32), load_expert_part(tiny_model, dtype=torch.float32)
 
 
 def wait_for(condition, timeout=30.0):

@@ -11,7 +11,7 @@ from cluster.engine.engine import Engine, EngineConfig, QueueFull
 from cluster.engine.sampling import InvalidRequest, SamplingParams
 
 from conftest import Runner, random_ids
-from engine_helpers import greedy_reference, reference_parts, tiny_model, wait_for, wait_idle  # noqa: F401
+from engine_helpers import greedy_reference, wait_for, wait_idle
 
 
 @pytest.fixture(scope="module")

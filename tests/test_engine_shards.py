@@ -13,7 +13,7 @@ from cluster.engine.engine import Engine, EngineConfig
 from cluster.engine.sampling import SamplingParams
 
 from conftest import random_ids
-from engine_helpers import greedy_reference, reference_parts, tiny_model, wait_for, wait_idle  # noqa: F401
+from engine_helpers import greedy_reference, wait_for, wait_idle
 
 pytestmark = pytest.mark.slow
 

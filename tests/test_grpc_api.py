@@ -18,7 +18,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import RequestOutput
 
 from conftest import random_ids
-from engine_helpers import tiny_model, wait_for  # noqa: F401
+from engine_helpers import wait_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MODEL = "m1serve-tiny"

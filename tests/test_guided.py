@@ -16,7 +16,6 @@ from cluster.engine.guided import GuidedSpec, apply_guides, compiler_for, create
 from cluster.engine.sampling import InvalidRequest, SamplingParams
 from model_shards.tokenizer import Tokenizer
 
-from engine_helpers import tiny_model  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

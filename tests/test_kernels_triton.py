@@ -34,7 +34,8 @@ def _run_checks() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.experts.grouped import dequantize_int8, grouped_swiglu_triton, quantize_int8
+    from kernels.experts.grouped import grouped_swiglu_triton
+    from kernels.experts.reference import dequantize_int8, quantize_int8
     from kernels.experts.reference import grouped_swiglu
     from kernels.lightning.decode import lightning_decode_pool
     from kernels.lightning.prefill import lightning_prefill_varlen

@@ -12,8 +12,6 @@ import importlib.util
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,10 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine_helpers import tiny_model  # noqa: F401
 from loadtest import run as lt_run
 from loadtest.workload import PROFILES_DIR, Profile, ProfileError
-from test_serve_cluster import free_port, wait_healthy
+from serve_helpers import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DURATION_S = 20
@@ -106,29 +103,8 @@ def test_run_summary_and_exit_status(tmp_path):
 def server(tiny_model, tmp_path_factory):
     # never import locust here: it monkey-patches with gevent and deadlocks this (threaded) process
     assert importlib.util.find_spec("locust"), "the load test needs locust (pip install locust)"
-    http, grpc_port, metrics = free_port(), free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    # metrics every second; a long collective timeout so that the idle seconds before the load starts cannot break
-    # the expert-shard group (its shards time out waiting for the next step when nothing is sent)
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model), "--expert-shards", "2",
-         "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
-         "--collective-timeout-s", "120"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        wait_healthy(url, proc)
-        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "model": tiny_model.name}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.seek(0)
-        print(log.read()[-5000:])
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve")) as s:
+        yield {"url": s.url, "grpc": s.grpc, "metrics": s.metrics_url, "model": s.model}
 
 
 def generation_tokens(metrics_url: str) -> float:

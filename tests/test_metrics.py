@@ -9,7 +9,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.metrics import FAMILIES, Metrics
 
 from conftest import random_ids
-from engine_helpers import tiny_model, wait_idle  # noqa: F401
+from engine_helpers import wait_idle
 
 
 def value(registry, name: str, **labels) -> float:

@@ -13,8 +13,7 @@ import textwrap
 import httpx
 import pytest
 
-from engine_helpers import tiny_model  # noqa: F401
-from test_serve_cluster import free_port, wait_healthy
+from serve_helpers import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import RequestOutput
 
 from conftest import random_ids
-from engine_helpers import tiny_model, wait_for  # noqa: F401
+from engine_helpers import wait_for
 
 MODEL = "m1serve-tiny"
 API_KEY = "sk-test-key"

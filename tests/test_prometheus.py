@@ -25,9 +25,8 @@ import pytest
 from cluster.api import m1serve_pb2, m1serve_pb2_grpc
 from cluster.metrics import FAMILIES
 
-from engine_helpers import tiny_model  # noqa: F401
 from test_alert_rules import RULES, ensure_prometheus, exported_names, load_rules, metric_names, run_promtool
-from test_serve_cluster import free_port, wait_healthy
+from serve_helpers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "m1serve-dashboard.json"

@@ -18,7 +18,6 @@ import pytest
 from cluster.api import m1serve_pb2 as pb
 from cluster.api import m1serve_pb2_grpc as pb_grpc
 
-from engine_helpers import tiny_model  # noqa: F401
 from serve_helpers import replica_pid, replica_pids, rss_bytes, running_server
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import grpc
@@ -19,7 +16,8 @@ from cluster.api import m1serve_pb2, m1serve_pb2_grpc
 from cluster.engine.engine import Engine, EngineConfig
 from cluster.engine.sampling import SamplingParams
 
-from engine_helpers import tiny_model  # noqa: F401
+from serve_helpers import replica_pid, running_server
+
 
 pytestmark = pytest.mark.slow
 
@@ -27,47 +25,10 @@ PROMPT = "The quick brown fox"
 N = 12
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"m1serve serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("server did not become healthy")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    http, grpc_port, metrics = free_port(), free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model), "--expert-shards", "2",
-         "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
-         "--collective-timeout-s", "10"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        wait_healthy(url, proc)
-        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "proc": proc, "model": tiny_model.name, "log": log}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.seek(0)
-        print(log.read()[-5000:])
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve"), "--collective-timeout-s", "10") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +46,27 @@ def test_openai_client_completions_chat_and_streams(server, expected):
     from openai import OpenAI
 
     plain, chat = expected
-    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list().data] == [server["model"]]
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [server.model]
     extra = {"return_token_ids": True, "ignore_eos": True}
-    r = client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=N, temperature=0, extra_body=extra)
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=N, temperature=0, extra_body=extra)
     assert r.choices[0].text == plain.text
     assert r.choices[0].token_ids == plain.token_ids
     assert r.usage.completion_tokens == N and r.usage.prompt_tokens == len(plain.prompt_token_ids)
-    stream = client.completions.create(model=server["model"], prompt=plain.prompt_token_ids, max_tokens=N,
+    stream = client.completions.create(model=server.model, prompt=plain.prompt_token_ids, max_tokens=N,
                                        temperature=0, stream=True, extra_body=extra)
     assert "".join(c.choices[0].text for c in stream if c.choices) == plain.text
-    c = client.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Hi there"}],
+    c = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi there"}],
                                        max_tokens=N, temperature=0, extra_body=extra)
     assert c.choices[0].message.content == chat.text and c.choices[0].finish_reason == "length"
-    stream = client.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Hi there"}],
+    stream = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi there"}],
                                             max_tokens=N, temperature=0, stream=True, extra_body=extra)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.text
 
 
 def test_grpc_unary_and_stream_give_the_same_tokens(server, expected):
     plain, _ = expected
-    with grpc.insecure_channel(server["grpc"]) as channel:
+    with grpc.insecure_channel(server.grpc) as channel:
         stub = m1serve_pb2_grpc.M1ServeStub(channel)
         req = m1serve_pb2.GenerateRequest(text=PROMPT, max_tokens=N, temperature=0.0, ignore_eos=True)
         r = stub.Generate(req, timeout=60)
@@ -121,20 +82,13 @@ def test_grpc_unary_and_stream_give_the_same_tokens(server, expected):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
 
 
-def shard_pid(name: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:m1serve:{name}"], capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split()]
-    assert len(pids) == 1, (name, pids)
-    return pids[0]
-
-
 def test_killing_a_shard_replica_fails_streams_then_recovers(server, expected):
     plain, _ = expected
-    victim = shard_pid("ExpertShard1")
-    body = {"model": server["model"], "prompt": PROMPT, "max_tokens": 3000, "temperature": 0, "stream": True,
+    victim = replica_pid("ExpertShard1")
+    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 3000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     events, t_kill = [], None
-    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as resp:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if not line.startswith("data: "):
@@ -150,12 +104,12 @@ def test_killing_a_shard_replica_fails_streams_then_recovers(server, expected):
     # new requests succeed again within a minute, with the same greedy tokens
     deadline = time.monotonic() + 60
     while True:
-        r = httpx.post(server["url"] + "/v1/completions", timeout=60,
-                       json={"model": server["model"], "prompt": PROMPT, "max_tokens": N, "temperature": 0,
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": server.model, "prompt": PROMPT, "max_tokens": N, "temperature": 0,
                              "ignore_eos": True, "return_token_ids": True})
         if r.status_code == 200:
             break
         assert r.status_code == 503 and time.monotonic() < deadline, r.text
         time.sleep(2)
     assert r.json()["choices"][0]["token_ids"] == plain.token_ids
-    assert shard_pid("ExpertShard1") != victim
+    assert replica_pid("ExpertShard1") != victim

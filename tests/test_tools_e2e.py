@@ -5,11 +5,7 @@ bad tool requests. The tiny random model only produces valid tool calls / JSON b
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 
 import grpc
 import jsonschema
@@ -24,10 +20,9 @@ from cluster.api.openai_api import create_app
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import Engine, EngineConfig
 
-from engine_helpers import tiny_model  # noqa: F401
 from test_grpc_api import ServerThread, _stub
 from test_openai_api import asgi_client, serve, sse_payloads
-from test_serve_cluster import free_port, wait_healthy
+from serve_helpers import running_server
 
 MODEL = "m1serve-tiny"
 CHAT = "/v1/chat/completions"
@@ -322,25 +317,9 @@ def test_grpc_bad_tools_are_invalid_argument(grpc_stub):
 # ---- against a real `m1serve serve` (Ray Serve, 2 expert shards) ---------------------------------------------------
 @pytest.mark.slow
 def test_serve_tool_flow_json_schema_and_grpc(tiny_model, tmp_path):
-    http, grpc_port, metrics = free_port(), free_port(), free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model), "--expert-shards", "2",
-         "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        wait_healthy(url, proc)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        tool_flow(client, model=tiny_model.name)
-        structured_flow(client, model=tiny_model.name)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with running_server(tiny_model, tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        tool_flow(client, model=server.model)
+        structured_flow(client, model=server.model)
+        with grpc.insecure_channel(server.grpc) as channel:
             grpc_tool_flow(m1serve_pb2_grpc.M1ServeStub(channel))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.seek(0)
-        print(log.read()[-5000:])

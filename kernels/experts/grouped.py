@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import dequantize_int8, quantize_int8  # noqa: F401  (re-exported)
 
 
 def dot_dtype(dtype):
