@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+try:
+    from .paged_decode import paged_decode_attention
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs without triton
+    HAVE_TRITON = False
+
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     """Store new keys/values [T, KVH, D] at flat cache rows slot_mapping [T] (= block * block_size + offset)."""
@@ -23,15 +29,28 @@ def paged_attention(q, k_cache, v_cache, seq_lens: list[int], context_lens: list
     the cache). Causal: new token i of a sequence sees cache rows 0 .. context_len - seq_len + i."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
-    start = 0
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+    decodes = [b for b, n in enumerate(seq_lens) if n == 1]
+    if q.is_cuda and HAVE_TRITON and len(decodes) > 1:  # all one-token sequences in one launch
+        rows = torch.tensor([starts[b] for b in decodes], device=q.device)
+        sel = torch.tensor(decodes, device=q.device)
+        ctx = torch.tensor([context_lens[b] for b in decodes], device=q.device, dtype=torch.int32)
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, block_tables[sel], ctx, scale)
+        done = set(decodes)
+    else:
+        done = set()
     for b, (n, ctx) in enumerate(zip(seq_lens, context_lens)):
+        if b in done:
+            continue
+        start = starts[b]
         blocks = block_tables[b, : (ctx + block_size - 1) // block_size]
         k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)  # [KVH, ctx, D]
         v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)
         qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
         o = _gpu_attention(qs, k, v, scale) if q.is_cuda else _cpu_attention(qs, k, v, scale)
         out[start:start + n] = o.transpose(0, 1)
-        start += n
     return out
 
 
