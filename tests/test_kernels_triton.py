@@ -34,7 +34,7 @@ def _run_checks() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.experts.grouped import grouped_swiglu_triton
+    from kernels.experts.grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton
     from kernels.experts.reference import dequantize_int8, quantize_int8
     from kernels.experts.reference import grouped_swiglu
     from kernels.lightning.decode import lightning_decode_pool
@@ -140,6 +140,13 @@ def _run_checks() -> dict:
                 ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else w.double())
                 errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
         res[f"experts_{name}_err"] = max(errs)
+        errs = []  # the GEMM-bound path: torch._grouped_mm (CPU here) around the Triton silu*mul*weight pass
+        for w in (wts, None):
+            y = torch.full_like(x, float("nan"))
+            grouped_swiglu_grouped_mm(x, sizes, w13, w2, w, out=y)
+            ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else w.double())
+            errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
+        res[f"experts_{name}_grouped_mm_err"] = max(errs)
         # bf16 reference's own error, for scale
         res[f"experts_{name}_ref_bf16_err"] = _rel(grouped_swiglu(x, sizes, w13, w2, wts),
                                                    grouped_swiglu(x.double(), sizes, w13.double(), w2.double(),
@@ -190,6 +197,7 @@ def test_decode_padded_slot(results):
 def test_grouped_swiglu(results, case):
     assert results[f"experts_{case}_err"] < TOL
     assert results[f"experts_{case}_int8_err"] < TOL
+    assert results[f"experts_{case}_grouped_mm_err"] < TOL
 
 
 def test_dispatch_falls_back_on_cpu():

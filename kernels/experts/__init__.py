@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .reference import dequantize_int8, quantize_int8
@@ -10,19 +12,32 @@ from .reference import grouped_swiglu as grouped_swiglu_reference
 try:
     import triton  # noqa: F401
 
-    from .grouped import grouped_swiglu_triton
+    from .grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton
     HAVE_TRITON = False
 
 
+# Above this many rows per expert (bf16) the expert GEMMs are compute-bound and torch._grouped_mm (CUTLASS) is faster
+# than our Triton tiles; at or below it (decode: weight streaming) ours is 1.4-1.7x faster (H200, bench/kernels.py).
+GROUPED_MM_MIN_ROWS = 96
+
+
+@lru_cache(maxsize=None)
+def _has_grouped_mm(device: torch.device) -> bool:
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None):
     """x [N, H] sorted by expert; see reference.grouped_swiglu for the contract (scales: int8 weight-only experts).
-    Runs the Triton grouped GEMM when x is a bf16/fp16 CUDA tensor with matching (or int8) weights, the reference
-    otherwise."""
+    On a bf16/fp16 CUDA tensor with matching (or int8) weights: the Triton grouped GEMM, or torch._grouped_mm for
+    bf16 weights and many rows per expert; the reference otherwise."""
     weight_dtype = torch.int8 if w13_scale is not None else x.dtype
     if (HAVE_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and w13.dtype == weight_dtype and w2.dtype == weight_dtype):
+        touched = sum(1 for n in group_sizes if n)
+        if w13_scale is None and x.shape[0] > GROUPED_MM_MIN_ROWS * touched and _has_grouped_mm(x.device):
+            return grouped_swiglu_grouped_mm(x, group_sizes, w13, w2, weights)
         return grouped_swiglu_triton(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
     return grouped_swiglu_reference(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
 

@@ -1,4 +1,5 @@
-"""Triton grouped-GEMM SwiGLU experts (same contract as reference.grouped_swiglu), bf16 or int8 weight-only.
+"""Triton grouped-GEMM SwiGLU experts (same contract as reference.grouped_swiglu), bf16 or int8 weight-only, and the
+GEMM-bound path for many rows per expert (torch._grouped_mm, i.e. CUTLASS, plus one Triton silu*mul pass).
 
 Two launches over the rows of x, which come sorted by expert:
   1. gate/up: h = silu(x w1^T) * (x w3^T) with w1, w3 the two halves of w13 [E, 2F, H]: each program computes one
@@ -13,19 +14,13 @@ int8 tile is widened to bf16 (exact) before the dot and the scale is applied to 
 
 from __future__ import annotations
 
-import os
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-
-
-def dot_dtype(dtype):
-    """Operand dtype for tl.dot: the input dtype, or fp32 under the interpreter (its bf16 dot is integer math)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+from ..triton_utils import dot_dtype
 
 
 @triton.jit
@@ -120,6 +115,19 @@ def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
     tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _silu_mul_kernel(h13, weights, h, F, stride_13, stride_h, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < F
+    g = tl.load(h13 + row * stride_13 + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(h13 + row * stride_13 + F + cols, mask=ok, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    if HAS_WEIGHTS:
+        out *= tl.load(weights + row).to(tl.float32)
+    tl.store(h + row * stride_h + cols, out.to(h.dtype.element_ty), mask=ok)
+
+
 def default_config(rows_per_expert: float) -> dict:
     """Tile shapes by the average number of rows an expert gets: few rows = weight streaming, many = GEMM-bound
     (picked from a sweep on H200 with hidden 6144 / ffn 9216, triton 3.6)."""
@@ -196,3 +204,25 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
         BM=cfg2["BM"], BN=cfg2["BN"], BK=cfg2["BK"], GROUP_M=cfg2["GROUP_M"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"])
     return y
+
+
+def grouped_swiglu_grouped_mm(x, group_sizes: list[int], w13, w2, weights=None, out=None):
+    """Same contract (bf16/fp16 weights only) with both GEMMs in torch._grouped_mm: at hundreds of rows per expert
+    the work is GEMM-bound and CUTLASS's grouped GEMM beats our Triton tiles (bench/results/kernels.md). The routing
+    weight is applied to h before w2 (the same product), so silu, mul and weights cost one pass over h."""
+    N, Hd = x.shape
+    E, F2, _ = w13.shape
+    F = F2 // 2
+    if N == 0:
+        return torch.empty_like(x) if out is None else out
+    assert sum(group_sizes) == N and len(group_sizes) <= E
+    ends = list(itertools.accumulate(group_sizes)) + [N] * (E - len(group_sizes))
+    offs = torch.tensor(ends, dtype=torch.int32).to(x.device, non_blocking=True)
+    h13 = torch._grouped_mm(x.contiguous(), w13.transpose(1, 2), offs=offs)
+    h = torch.empty(N, F, device=x.device, dtype=x.dtype)
+    BLOCK = 1024
+    _silu_mul_kernel[(N, triton.cdiv(F, BLOCK))](
+        h13, weights.contiguous() if weights is not None else h13, h, F, h13.stride(0), h.stride(0),
+        HAS_WEIGHTS=weights is not None, BLOCK=BLOCK)
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    return y if out is None else out.copy_(y)

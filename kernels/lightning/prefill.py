@@ -15,18 +15,11 @@ DT is the dot operand dtype: q's dtype on GPU, fp32 under TRITON_INTERPRET=1 (th
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def dot_dtype(dtype):
-    """Operand dtype for tl.dot: the input dtype, or fp32 under the interpreter (its bf16 dot is integer math)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+from ..triton_utils import dot_dtype, sm_count
 
 
 @triton.jit
@@ -69,17 +62,18 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
         kc = tl.load(k_base + rows[:, None] * stride_kt + rk[None, :], mask=row_ok, other=0.0).to(DT)
         vc = tl.load(v_base + rows[:, None] * stride_vt + rv[None, :], mask=row_ok, other=0.0).to(DT)
 
-        scores = tl.dot(qc, tl.trans(kc)) * intra_decay
-        oc = tl.dot(scores.to(DT), vc)
-        oc = tl.dot((qc * q_decay[:, None]).to(DT), S.to(DT), oc)
-        tl.store(o_base + rows[:, None] * stride_ot + rv[None, :], oc.to(o.dtype.element_ty), mask=row_ok)
-
         m = tl.minimum(n - c0, C)
         # rows past the end were loaded as 0; clamping keeps their (unused) exponent non-negative
         k_decay = tl.exp(-s * tl.maximum(m - 1 - rc, 0).to(tl.float32))
         kd = (kc * k_decay[:, None]).to(DT)
-        S = S * tl.exp(-s * m.to(tl.float32))
-        S = tl.dot(tl.trans(kd), vc, S)
+        # The dots that do not need S are issued first and S's own update is a plain add at the end: 17-20% faster
+        # on H100 than accumulating k^T v into the decayed S (bench/results: kernels tune logs).
+        kv = tl.dot(tl.trans(kd), vc)
+        scores = tl.dot(qc, tl.trans(kc)) * intra_decay
+        oc = tl.dot((qc * q_decay[:, None]).to(DT), S.to(DT))
+        oc = tl.dot(scores.to(DT), vc, oc)
+        S = S * tl.exp(-s * m.to(tl.float32)) + kv
+        tl.store(o_base + rows[:, None] * stride_ot + rv[None, :], oc.to(o.dtype.element_ty), mask=row_ok)
 
     if STORE_STATE:
         tl.store(s_ptrs, S, mask=has_slot)
@@ -143,31 +137,21 @@ def _segment_scan_kernel(slopes, pool, ws, seq_slot, seq_first, seq_count, seg_l
 def default_prefill_config(head_dim: int) -> dict:
     # segment=None: split long sequences when there are too few (sequence, head, value-slice) programs to fill the
     # GPU; 0: never; L > 0: always, into segments of L tokens (a multiple of the chunk).
-    # block_v=None: 128 (whole rows: q/k read once) when there are many sequences, else 64 (twice the programs).
-    return dict(chunk=64, block_v=None, num_warps=8, num_stages=3, segment=None)
+    # num_stages=None: 2 when the programs fill the GPU several times over (packed batches), else 3.
+    # Picked from --tune sweeps on H100 (bench/results/kernels-tune-h100-2026-11-27.json).
+    return dict(chunk=64, block_v=min(head_dim, 64), num_warps=4, num_stages=None, segment=None)
 
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
-def _segment_length(seq_lens, H, NV, C, sm_count) -> int:
+def _segment_length(seq_lens, H, NV, C, sms) -> int:
     """Tokens per segment, or 0 to run one program per (sequence, head, value slice).
 
     Measured on H200 with 64 heads (128-256 programs for one sequence), segmenting was 30-40% slower than not:
     the extra k/v pass costs more than the added parallelism gains. So only split when the programs would leave
     most SMs idle (e.g. 8 heads per GPU under TP8), aiming at about 2 programs per SM."""
     programs = len(seq_lens) * H * NV
-    if programs >= sm_count // 2:
+    if programs >= sms // 2:
         return 0
-    L = sum(seq_lens) * H * NV // (2 * sm_count)
+    L = sum(seq_lens) * H * NV // (2 * sms)
     L = max(1024, (L + C - 1) // C * C)
     return L if max(seq_lens) > L else 0
 
@@ -192,18 +176,17 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
     for t in (q, k, v, out):
         assert t.stride(-1) == 1
     C, BV = cfg["chunk"], cfg["block_v"]
-    if BV is None:
-        BV = min(D, 128 if N * H >= 4 * _sm_count(q.device) else 64)
     NV = triton.cdiv(D, BV)
+    stages = cfg["num_stages"] or (2 if N * H * NV >= 4 * sm_count(q.device) else 3)
     seg = cfg["segment"]
     if seg is None:
-        seg = _segment_length(seq_lens, H, NV, C, _sm_count(q.device))
+        seg = _segment_length(seq_lens, H, NV, C, sm_count(q.device))
     elif seg:
         seg = (seg + C - 1) // C * C
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
     slot_ids = torch.as_tensor(slot_ids, device=q.device).to(torch.int32)
     DT = dot_dtype(q.dtype)
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = dict(num_warps=cfg["num_warps"], num_stages=stages)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
                out.stride(1))
     starts, acc = [], 0
