@@ -2,16 +2,18 @@
 
 Rank 0 is the router; ranks 1..N are shards, shard i holding a contiguous range of experts of every layer.
 Every step the router broadcasts a header (operation, token count, dispatch mode; while idle, a heartbeat header
-keeps the group's timeouts from firing); then, at each MoE layer, one
-all_to_all_single carries each routed token's hidden state plus its routing (expert ids and weights packed as 16
-extra bytes per row) to the shards, and a second one brings the weighted expert outputs back.
+keeps the group's timeouts from firing); then, at each MoE layer, one collective carries the tokens' hidden states
+plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row: 24 bytes at top-2) to the
+shards, and a second one brings the weighted expert outputs back.
 
 Two dispatch modes give the same result:
-- padded: every shard gets a fixed [T, H] buffer (rows of tokens routed elsewhere carry no experts and cost the
-  shard nothing). Sizes are known from the header, so there is no device-to-host sync per layer: the choice for
-  decode-sized steps, where latency, not bytes, is the cost.
+- padded: all T rows go to every shard in one broadcast (rows routed elsewhere carry no local experts and cost the
+  shard nothing), and one reduce sums the shards' [T, H] answers on the router (each token has at most top_k
+  non-zero partials, so the sum is exact whatever order the backend adds them in). Sizes are known from the header:
+  no device-to-host sync per layer and no copies besides packing. The choice for decode-sized steps, where
+  latency, not bytes, is the cost, and always with a single shard (it gets every token anyway).
 - exact: the router first sends each shard its token count (one tiny all_to_all plus a sync), then only the routed
-  rows. For prefill-sized steps, where bytes dominate.
+  rows (all_to_all_single both ways). For large steps over several shards, where bytes dominate.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import torch.distributed as dist
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
 MODE_PADDED, MODE_EXACT = 0, 1
 ROUTER_RANK = 0
-META_BYTES_PER_EXPERT = 8  # one fp32 id + one fp32 weight per chosen expert
+# Padded mode up to this many rows (tokens x shards) per step: above it the bytes wasted on rows a shard does not need
+# cost more than exact mode's per-layer count exchange + host sync (~0.2 ms on NVLink, about 4K rows of 12 KB).
+PADDED_MAX_ROWS = 4096
 
 
 class DispatchError(RuntimeError):
@@ -33,18 +37,30 @@ class DispatchError(RuntimeError):
 
 
 def meta_columns(dtype: torch.dtype, top_k: int) -> int:
-    return top_k * META_BYTES_PER_EXPERT // torch.empty((), dtype=dtype).element_size()
+    """Columns (of the hidden dtype) in front of each row's hidden state: top_k int64 expert ids, then top_k fp32
+    weights, padded to a multiple of 8 bytes so the ids can be read back as int64 in place."""
+    return -(-12 * top_k // 8) * 8 // torch.empty((), dtype=dtype).element_size()
 
 
 def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[T, H] hidden + [T, K] expert ids + [T, K] weights -> [T, H + meta] in h's dtype (the meta bytes are fp32)."""
-    meta = torch.cat([ids.float(), weights.float()], dim=-1).contiguous()
-    return torch.cat([h, meta.view(h.dtype)], dim=-1)
+    """[T, H] hidden + [T, K] int64 ids + [T, K] fp32 weights -> [T, meta + H] in h's dtype, in one copy: the
+    routing goes in as raw bytes (no casts)."""
+    w = weights.float()
+    if ids.shape[1] % 2:  # keep rows 8-byte aligned
+        w = torch.nn.functional.pad(w, (0, 1))
+    return torch.cat([ids.contiguous().view(h.dtype), w.view(h.dtype), h], dim=-1)
 
 
 def unpack_rows(rows: torch.Tensor, hidden: int, top_k: int):
-    meta = rows[:, hidden:].contiguous().view(torch.float32)
-    return rows[:, :hidden], meta[:, :top_k].long(), meta[:, top_k:]
+    """-> hidden [T, H], expert ids [T, K] (int64), weights [T, K] (fp32): all views into rows."""
+    meta = rows[:, :rows.shape[1] - hidden]
+    return rows[:, meta.shape[1]:], meta.view(torch.int64)[:, :top_k], meta.view(torch.float32)[:, 2 * top_k:3 * top_k]
+
+
+def _check_alignment(hidden: int, dtype: torch.dtype) -> None:
+    if hidden * torch.empty((), dtype=dtype).element_size() % 8:
+        raise ValueError(f"hidden size {hidden} x {dtype} is not a multiple of 8 bytes: rows could not be unpacked "
+                         "in place")
 
 
 @dataclass
@@ -62,7 +78,8 @@ class StepTimes:
 class RouterDispatcher:
     """Router side: the `moe(layer, h, ids, weights)` callable the router model runs at each MoE layer."""
 
-    def __init__(self, num_shards: int, num_experts: int, hidden: int, top_k: int, device, padded_max_rows: int = 512,
+    def __init__(self, num_shards: int, num_experts: int, hidden: int, top_k: int, device,
+                 padded_max_rows: int = PADDED_MAX_ROWS,
                  sync_timing: bool = False):
         self.num_shards, self.hidden, self.top_k = num_shards, hidden, top_k
         self.experts_per_shard = num_experts // num_shards
@@ -80,7 +97,8 @@ class RouterDispatcher:
 
     def begin_step(self, num_tokens: int) -> None:
         self.num_tokens = num_tokens
-        self.mode = MODE_PADDED if num_tokens * self.num_shards <= self.padded_max_rows else MODE_EXACT
+        padded = self.num_shards == 1 or num_tokens * self.num_shards <= self.padded_max_rows
+        self.mode = MODE_PADDED if padded else MODE_EXACT
         header = torch.tensor([OP_STEP, num_tokens, self.mode, 0], dtype=torch.long, device=self.device)
         _collective(dist.broadcast, header, src=ROUTER_RANK)
 
@@ -99,31 +117,31 @@ class RouterDispatcher:
         assert T == self.num_tokens, "begin_step was not called with this step's token count"
         t0 = self._time()
         rows = pack_rows(h, ids, weights)
-        shard_of = ids // self.experts_per_shard  # [T, K]
         if self.mode == MODE_PADDED:
-            send = rows.repeat(N, 1)
-            in_splits, out_splits = [0] + [T] * N, [0] + [T] * N
-            token_index = None
+            self.times.bytes_sent += rows.numel() * rows.element_size() * N
+            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            t2 = self._time()
+            out = torch.zeros(h.shape, dtype=h.dtype, device=h.device)  # the router's own (zero) share of the sum
+            _collective(dist.reduce, out, dst=ROUTER_RANK)
+            t3 = t4 = self._time()
         else:
+            shard_of = ids // self.experts_per_shard  # [T, K]
             routed = torch.stack([(shard_of == s).any(-1) for s in range(N)])  # [N, T]
             shard_idx, token_index = routed.nonzero(as_tuple=True)  # grouped by shard, token order within
             counts = torch.zeros(N + 1, dtype=torch.long, device=h.device)
             counts[1:] = routed.sum(-1)
             _collective(dist.all_to_all_single, torch.empty_like(counts), counts)
-            counts_host = counts.tolist()
-            send, in_splits, out_splits = rows[token_index], counts_host, counts_host
-        self.times.bytes_sent += send.numel() * send.element_size()
-        recv_rows = h.new_empty(sum(out_splits), h.shape[1])
-        # forward: router -> shards (router receives nothing); backward: shards -> router (router sends nothing)
-        _collective(dist.all_to_all_single, rows.new_empty(0, rows.shape[1]), send, [0] * (N + 1), in_splits)
-        t2 = self._time()
-        _collective(dist.all_to_all_single, recv_rows, h.new_empty(0, h.shape[1]), out_splits, [0] * (N + 1))
-        t3 = self._time()
-        if token_index is None:
-            out = recv_rows.view(N, T, -1).sum(0)
-        else:
+            splits = counts.tolist()
+            send = rows[token_index]
+            self.times.bytes_sent += send.numel() * send.element_size()
+            recv_rows = h.new_empty(send.shape[0], h.shape[1])
+            # forward: router -> shards (router receives nothing); backward: shards -> router (router sends nothing)
+            _collective(dist.all_to_all_single, rows.new_empty(0, rows.shape[1]), send, [0] * (N + 1), splits)
+            t2 = self._time()
+            _collective(dist.all_to_all_single, recv_rows, h.new_empty(0, h.shape[1]), splits, [0] * (N + 1))
+            t3 = self._time()
             out = torch.zeros_like(h).index_add_(0, token_index, recv_rows)
-        t4 = self._time()
+            t4 = self._time()
         self.times.dispatch += t2 - t0
         self.times.experts += t3 - t2
         self.times.combine += t4 - t3
@@ -133,13 +151,13 @@ class RouterDispatcher:
         return out
 
 
-
 class ShardWorker:
     """Shard side: follows the router's headers until told to shut down (or the group breaks)."""
 
     def __init__(self, experts, num_layers: int, hidden: int, top_k: int, dtype, device, observe_compute=None):
         self.experts, self.num_layers, self.hidden, self.top_k = experts, num_layers, hidden, top_k
         self.dtype, self.device = dtype, torch.device(device)
+        _check_alignment(hidden, dtype)
         self.width = hidden + meta_columns(dtype, top_k)
         self.world = dist.get_world_size()
         self.compute_seconds = 0.0
@@ -164,20 +182,24 @@ class ShardWorker:
             counts = torch.zeros(W, dtype=torch.long, device=self.device)
             _collective(dist.all_to_all_single, counts, torch.zeros_like(counts))
             n = int(counts[ROUTER_RANK])
+            rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
+            _collective(dist.all_to_all_single, rows, rows.new_empty(0, self.width), [n] + [0] * (W - 1), [0] * W)
         else:
             n = num_tokens
-        rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
-        empty = rows.new_empty(0, self.width)
-        _collective(dist.all_to_all_single, rows, empty, [n] + [0] * (W - 1), [0] * W)
+            rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
+            _collective(dist.broadcast, rows, src=ROUTER_RANK)
         t0 = time.perf_counter()
         x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
-        y = self.experts.forward(layer, x, ids, weights.to(self.dtype))
+        y = self.experts.forward(layer, x, ids, weights).contiguous()
         seconds = time.perf_counter() - t0
         self.compute_seconds += seconds
         if self.observe_compute is not None:
             self.observe_compute(seconds)
         self.tokens_computed += n
-        _collective(dist.all_to_all_single, x.new_empty(0, self.hidden), y, [0] * W, [n] + [0] * (W - 1))
+        if mode == MODE_EXACT:
+            _collective(dist.all_to_all_single, x.new_empty(0, self.hidden), y, [0] * W, [n] + [0] * (W - 1))
+        else:
+            _collective(dist.reduce, y, dst=ROUTER_RANK)
 
 
 def _collective(fn, *args, **kwargs):

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .dispatch import DispatchError, RouterDispatcher
+from .dispatch import PADDED_MAX_ROWS, DispatchError, RouterDispatcher
 from .shard_group import FormedGroup, join_group, master_store
 
 log = logging.getLogger("m1serve.shards")
@@ -19,7 +19,7 @@ log = logging.getLogger("m1serve.shards")
 
 class RayShardGroup(FormedGroup):
     def __init__(self, shard_handles: list, num_experts: int, hidden: int, top_k: int, device, host: str,
-                 timeout_s: float = 30.0, join_timeout_s: float = 300.0, padded_max_rows: int = 512,
+                 timeout_s: float = 30.0, join_timeout_s: float = 300.0, padded_max_rows: int = PADDED_MAX_ROWS,
                  sync_timing: bool = False):
         self.handles, self.num_shards = list(shard_handles), len(shard_handles)
         self.device, self.host = torch.device(device), host

@@ -15,7 +15,7 @@ from model_shards.config import ModelConfig
 from model_shards.expert_part import ExpertPart, expert_range
 from model_shards.loading import load_expert_part
 
-from .dispatch import DispatchError, RouterDispatcher, ShardWorker
+from .dispatch import PADDED_MAX_ROWS, DispatchError, RouterDispatcher, ShardWorker
 
 
 class LocalExperts:
@@ -148,7 +148,7 @@ class ProcessShardGroup(FormedGroup):
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
-                 padded_max_rows: int = 512, sync_timing: bool = False, join_timeout_s: float = 300.0,
+                 padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False, join_timeout_s: float = 300.0,
                  expert_dtype: str | None = None):
         self.cfg = ModelConfig.from_file(model_path)
         expert_range(self.cfg.num_local_experts, num_shards, 0)  # validates the split

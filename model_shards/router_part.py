@@ -109,11 +109,10 @@ class RouterPart(nn.Module):
         self.attn = nn.ModuleList(attn).to(device)
 
     def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k experts per token: softmax over all experts in fp32, top-k, renormalised."""
+        """Top-k experts per token: softmax over all experts in fp32, top-k, renormalised (int64 ids, fp32 weights)."""
         probs = torch.softmax(h.float() @ self.gates[layer].T, dim=-1)
         weights, ids = probs.topk(self.cfg.num_experts_per_tok, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights.to(h.dtype)
+        return ids, weights / weights.sum(-1, keepdim=True)
 
     def forward(self, batch: ForwardBatch, cache: ModelCache, moe: MoEFn, all_logits: bool = False,
                 timer: Callable[[str], ContextManager] = lambda name: nullcontext()):

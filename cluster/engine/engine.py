@@ -23,7 +23,7 @@ from model_shards.config import ModelConfig
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
-from ..dispatch import DispatchError
+from ..dispatch import PADDED_MAX_ROWS, DispatchError
 from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup
 from .cache_manager import CacheManager
@@ -60,7 +60,7 @@ class EngineConfig:
     kv_block_size: int = 16
     cache_memory_gb: float | None = None  # state slots + KV blocks; default: 0.5 GB on CPU, 85% of free GPU memory
     collective_timeout_s: float = 30.0
-    padded_dispatch_max_rows: int = 512
+    padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
 
 
