@@ -19,6 +19,10 @@ writes DIR/<phase>.json, and `report` assembles DIR/gpu-cluster.json + DIR/gpu-c
             output tokens/s
   longctx   the engine in-process at one sequence with 8K / 32K / 128K-token prompts: decode ms/step per part
             (lightning layers' cost per token should stay flat; the softmax layer's grows)
+  hf        the baseline: transformers' MiniMaxForCausalLM.generate on the same checkpoint (bf16, layers split over
+            all visible GPUs), greedy, on the engine phase's prompts (concurrency 1 and --concurrency):
+            TTFT, decode tok/s, output tok/s; the report sets them beside the engine's (last in the default order:
+            loading 46 GB into transformers is the slowest start, and the other phases do not depend on it)
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ("env", "ckpt", "dispatch", "engine", "serve", "longctx")
-CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "serve": 240, "longctx": 150}
-MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "serve": 70, "longctx": 45}
+PHASES = ("env", "ckpt", "dispatch", "engine", "serve", "longctx", "hf")
+CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "serve": 240, "longctx": 150, "hf": 240}
+MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "serve": 70, "longctx": 45, "hf": 60}
+TOKENS_HEAD = (4, 16)  # the first output tokens of the first sequences, recorded by engine and hf to compare
 NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -166,7 +171,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
     import torch
     import torch.distributed as dist
 
-    from cluster.dispatch import RouterDispatcher, ShardWorker, meta_columns
+    from cluster.dispatch import PADDED_MAX_ROWS, RouterDispatcher, ShardWorker, meta_columns
 
     for k, v in NCCL_SAFE.items():
         os.environ.setdefault(k, v)
@@ -187,15 +192,15 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
         for T in sizes:
             gen = torch.Generator().manual_seed(T)  # same routing on every rank
             ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(T)]).to(dev)
-            weights = torch.rand(T, top_k, generator=gen).to(dev, dtype)
+            weights = torch.rand(T, top_k, generator=gen).to(dev)  # fp32, as the router's gate gives them
             h = torch.randn(T, hidden, generator=gen).to(dev, dtype)
-            padded = T * N <= 512
+            padded = N == 1 or T * N <= PADDED_MAX_ROWS  # the dispatcher's own rule
             shard_of = (ids // eps).cpu()
             counts = [T] * N if padded else [int((shard_of == s).any(-1).sum()) for s in range(N)]
             # ---- ours
             warm = 3
             if rank == 0:
-                disp = RouterDispatcher(N, experts, hidden, top_k, dev, padded_max_rows=512)
+                disp = RouterDispatcher(N, experts, hidden, top_k, dev)
                 for i in range(warm + steps):
                     if i == warm:
                         sync(dev)
@@ -203,6 +208,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
                     disp.begin_step(T)
                     for layer in range(layers):
                         disp(layer, h, ids, weights)
+                ours_cpu = (now() - t0) / (steps * layers)  # the host's launch time: near `ours` = CPU-bound
                 sync(dev)
                 ours = (now() - t0) / (steps * layers)
                 disp.shutdown()
@@ -230,6 +236,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
                 for layer in range(layers):
                     dist.all_to_all_single(recv_f, send_f, f_out, f_in)
                     dist.all_to_all_single(recv_b, send_b, b_out, b_in)
+            raw_cpu = (now() - t0) / (steps * layers)
             sync(dev)
             raw = (now() - t0) / (steps * layers)
             dist.barrier()
@@ -237,7 +244,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
                 elem = torch.empty((), dtype=dtype).element_size()
                 rows_out.append({"tokens": T, "mode": "padded" if padded else "exact", "rows_per_shard": counts,
                                  "bytes_per_layer": sum(counts) * (width + hidden) * elem,
-                                 "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw})
+                                 "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
+                                 "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3})
     if rank == 0:
         Path(result_path).write_text(json.dumps(rows_out))
     dist.destroy_process_group()
@@ -318,15 +326,19 @@ def _per_step(a: dict, b: dict) -> dict:
     return out
 
 
+def level_prompts(concurrency: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The random prompt ids of one level (the engine and the hf phase send the same)."""
+    rng = random.Random(concurrency * 7919 + prompt_len)
+    return [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(concurrency)]
+
+
 def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
     """Like cluster.bench_engine._one_level, but the profile is cut where the last first token arrives: a prefill
     phase and a pure decode phase, each with its own ms/step breakdown."""
     from cluster.engine.sampling import SamplingParams
 
-    rng = random.Random(concurrency * 7919 + prompt_len)
-    vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    first, done, token_times = {}, {}, defaultdict(list)
+    first, done, token_times, tokens = {}, {}, defaultdict(list), defaultdict(list)
     snaps = {}
     all_done = threading.Event()
 
@@ -335,6 +347,7 @@ def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dic
             t = now()
             if out.token_ids:
                 token_times[rid].append(t)
+                tokens[rid].extend(out.token_ids)
             if rid not in first:
                 first[rid] = t
                 if len(first) == concurrency:
@@ -347,10 +360,11 @@ def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dic
         return sink
 
     start = _snapshot(engine)
+    rids = [f"b{concurrency}-{prompt_len}-{i}" for i in range(concurrency)]
+    prompts = level_prompts(concurrency, prompt_len, engine.model_config.vocab_size)
     t0 = now()
-    for i in range(concurrency):
-        rid = f"b{concurrency}-{prompt_len}-{i}"
-        engine.submit([rng.randrange(vocab) for _ in range(prompt_len)], params, rid, sink_for(rid))
+    for rid, prompt in zip(rids, prompts):
+        engine.submit(prompt, params, rid, sink_for(rid))
     if not all_done.wait(timeout=600):
         raise RuntimeError("level did not finish")
     t_end = max(done.values())
@@ -367,7 +381,8 @@ def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dic
             "decode_steps": decode_steps, "decode_ms_per_step_wall": 1e3 * (t_end - decode_start) / max(decode_steps, 1),
             "prefill_steps": ds["_steps"] - start["_steps"],
             "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
-            "decode_ms_per_step": _per_step(ds, end), "prefill_ms_per_step": _per_step(start, ds)}
+            "decode_ms_per_step": _per_step(ds, end), "prefill_ms_per_step": _per_step(start, ds),
+            "tokens_head": [tokens[r][:TOKENS_HEAD[1]] for r in rids[:TOKENS_HEAD[0]]]}
 
 
 def _engine(args, max_model_len: int, max_num_seqs: int):
@@ -411,6 +426,111 @@ def phase_engine(args) -> dict:
 
 def phase_longctx(args) -> dict:
     return _levels_phase(args, "longctx", [(1, p, args.long_tokens) for p in args.long_prompts], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf: transformers' generate on the same checkpoint and prompts
+def hf_device_map(layers: int, gpus: int) -> dict:
+    """Consecutive layers per GPU: embedding + the first layers on cuda:0, ..., the last layers + final norm + LM
+    head on the last GPU used (accelerate moves the hidden states between them)."""
+    per = math.ceil(layers / gpus)
+    dmap = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+    dmap |= {f"model.layers.{i}": i // per for i in range(layers)}
+    dmap["model.norm"] = dmap["lm_head"] = (layers - 1) // per
+    return dmap
+
+
+def hf_level(model, prompts: list[list[int]], max_tokens: int, device) -> dict:
+    """Greedy generate of max_tokens per prompt (no EOS stop), after a warm-up call. The prefill is timed as a
+    generate with max_new_tokens=1 (its TTFT); the decode rate is the rest of the full call."""
+    import torch
+
+    x = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(x)
+
+    def generate(n: int):
+        sync(device)
+        t0 = now()
+        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        sync(device)
+        return out[:, x.shape[1]:], now() - t0
+
+    generate(2)  # warm-up
+    if torch.device(device).type == "cuda":
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    _, prefill_s = generate(1)
+    new, total_s = generate(max_tokens)
+    B, n = len(prompts), new.shape[1]
+    decode_s = max(total_s - prefill_s, 1e-9)
+    row = {"concurrency": B, "prompt_len": x.shape[1], "max_tokens": max_tokens, "generated_tokens": new.numel(),
+           "prefill_s": prefill_s, "prefill_tok_s": x.numel() / prefill_s, "total_s": total_s,
+           "decode_tok_s": B * (n - 1) / decode_s, "decode_ms_per_step": 1e3 * decode_s / max(n - 1, 1),
+           "output_tok_s": new.numel() / total_s,
+           "tokens_head": new[:TOKENS_HEAD[0], :TOKENS_HEAD[1]].tolist()}
+    if torch.device(device).type == "cuda":
+        row["peak_GiB"] = [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())]
+    return row
+
+
+def phase_hf(args) -> dict:
+    import traceback
+
+    import torch
+    import transformers
+
+    from model_shards.config import ModelConfig
+    from model_shards.transformers_compat import fix_partial_rope, load_transformers_model
+
+    cfg = ModelConfig.from_file(args.model)
+    gpu = args.device == "cuda"
+    result = {"transformers": transformers.__version__, "torch": torch.__version__, "rows": [],
+              "dtype": "bfloat16" if gpu else "float32", "max_tokens": args.hf_max_tokens}
+    try:
+        import accelerate
+
+        result["accelerate"] = accelerate.__version__
+    except ImportError:
+        result["accelerate"] = None
+    try:  # MiniMax's partial RoPE: the same model as ours (same greedy tokens on CPU); costs what full RoPE costs
+        fix_partial_rope()
+        result["rope"] = f"first {cfg.rotary_dim} of {cfg.head_dim} dims (patched, as MiniMax)"
+    except Exception as e:
+        result["rope"] = f"whole head_dim (transformers' own; patch failed: {type(e).__name__}: {e})"
+    try:
+        device_map = hf_device_map(cfg.num_hidden_layers, torch.cuda.device_count()) if gpu else None
+        result["device_map"] = device_map
+        t0 = now()
+        model = load_transformers_model(args.model, Path(args.work, "hf-model"),
+                                        torch.bfloat16 if gpu else torch.float32, device_map)
+        sync("cuda" if gpu else "cpu")
+        result["load_s"] = now() - t0
+        result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        result["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    except Exception as e:
+        traceback.print_exc()
+        result["error"] = f"load: {type(e).__name__}: {str(e)[:500]}"
+        return result
+    print(f"[hf] transformers {transformers.__version__}: loaded in {result['load_s']:.1f}s, attention "
+          f"{result['attn_implementation']}, experts {result['experts_implementation']}", flush=True)
+    device = "cuda:0" if gpu else "cpu"
+    for c in (1, args.concurrency):
+        t0 = now()
+        try:
+            row = hf_level(model, level_prompts(c, args.prompt_len, cfg.vocab_size), args.hf_max_tokens, device)
+            print(f"[hf] conc={c} prompt={args.prompt_len} out={args.hf_max_tokens}: TTFT {row['prefill_s']:.3f}s, "
+                  f"decode {row['decode_tok_s']:.1f} tok/s, output {row['output_tok_s']:.1f} tok/s "
+                  f"({now() - t0:.1f}s)", flush=True)
+        except Exception as e:  # out of memory, unsupported: record it, go on
+            traceback.print_exc()
+            row = {"concurrency": c, "prompt_len": args.prompt_len, "max_tokens": args.hf_max_tokens,
+                   "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            if gpu:
+                torch.cuda.empty_cache()
+        result["rows"].append(row)
+        save(args, "hf", result)  # partial results survive a later hang
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -701,15 +821,58 @@ def report(args, phase_status: dict) -> dict:
                  f"per step (our time includes the step header broadcast / {di['layers_per_step']}, packing, the "
                  "count exchange in exact mode, and the combine). Fit of the raw rows: alpha "
                  f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
-        L.append("| tokens | mode | bytes/layer | ours ms | raw ms | ours / raw | alpha+bytes/BW ms | ours / model |")
-        L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+        L.append("`host ms` = time the router's CPU took to issue the layer (no sync): close to the total means the "
+                 "host, not the link, sets the pace.\n")
+        L.append("| tokens | mode | bytes/layer | ours ms | ours host ms | raw ms | raw host ms | ours / raw | "
+                 "alpha+bytes/BW ms | ours / model |")
+        L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
             L.append(f"| {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | {fmt(r['ours_ms'], 3)} | "
-                     f"{fmt(r['raw_ms'], 3)} | {fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
+                     f"{fmt(r.get('ours_host_ms'), 3)} | {fmt(r['raw_ms'], 3)} | {fmt(r.get('raw_host_ms'), 3)} | "
+                     f"{fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
                      f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
         L.append("")
-    L.append("transformers' generate on the same checkpoint: not run (the checkpoint is in MiniMax's original layout; "
-             "transformers' MiniMax class needs its own config/naming).\n")
+    hf = data["hf"]
+    if hf:
+        L.append("## transformers generate (same checkpoint, same prompts)\n")
+        by_gpu = defaultdict(list)
+        for k, d in (hf.get("device_map") or {}).items():
+            if k.startswith("model.layers."):
+                by_gpu[d].append(k.rsplit(".", 1)[1])
+        placement = ("; ".join(f"layers {','.join(v)} on cuda:{d}" for d, v in sorted(by_gpu.items())) +
+                     " (embedding on cuda:0, final norm + LM head with the last layer)") if by_gpu else "on the CPU"
+        L.append(f"transformers {hf.get('transformers')} `MiniMaxForCausalLM.generate`, greedy, {hf.get('dtype')}, "
+                 f"attention {hf.get('attn_implementation')}, experts {hf.get('experts_implementation')}, RoPE on "
+                 f"{hf.get('rope')}; {placement}; load {fmt(hf.get('load_s'), 1)} s. "
+                 "Prompts: the engine phase's. TTFT = a generate call with max_new_tokens=1; decode tok/s = conc x "
+                 "(out - 1) / (full call - TTFT). Engine columns: the engine phase's row at the same concurrency "
+                 "(its decode runs longer: --engine-tokens). Same tokens: the longest common prefix of the greedy "
+                 f"tokens over the first {TOKENS_HEAD[0]} sequences (bf16 on GPU: both drift apart after a while).\n")
+        if hf.get("error"):
+            L.append(f"error: {hf['error']}\n")
+        L.append("| conc | prompt | out | TTFT s | prefill tok/s | decode tok/s | decode ms/step | output tok/s | "
+                 "engine decode tok/s | **engine / transformers decode** | engine last first token s | same tokens |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        engine_rows = {(r["concurrency"], r["prompt_len"]): r for r in (en or {}).get("rows") or []}
+        for r in hf.get("rows") or []:
+            if r.get("error"):
+                L.append(f"| {r['concurrency']} | {r['prompt_len']} | {r['max_tokens']} | error: {r['error'][:200]} |")
+                continue
+            e = engine_rows.get((r["concurrency"], r["prompt_len"]))
+            same = None
+            if e and e.get("tokens_head"):
+                pairs = list(zip(e["tokens_head"], r["tokens_head"]))
+                common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                          for a, b in pairs]
+                same = f"{min(common)} of {min(len(b) for _, b in pairs)}"
+            L.append(f"| {r['concurrency']} | {r['prompt_len']} | {r['max_tokens']} | {fmt(r['prefill_s'], 3)} | "
+                     f"{fmt(r['prefill_tok_s'], 0)} | {fmt(r['decode_tok_s'], 1)} | {fmt(r['decode_ms_per_step'])} | "
+                     f"{fmt(r['output_tok_s'], 1)} | {fmt(e and e['decode_tok_s'], 1)} | "
+                     f"**{fmt(e['decode_tok_s'] / r['decode_tok_s'] if e and r['decode_tok_s'] else None, 1)}x** | "
+                     f"{fmt(e and e['prefill_s'], 3)} | {fmt(same)} |")
+        L.append("")
+    elif phase_status.get("hf"):
+        L.append(f"## transformers generate\n\nno result ({phase_status['hf']}); see logs.txt\n")
     data["markdown"] = "\n".join(L)
     data["card"], data["date"] = card, date
     Path(args.out, "gpu-cluster.json").write_text(json.dumps(data, indent=2, default=str))
@@ -736,6 +899,7 @@ def build_parser():
     p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the in-process engine")
     p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
     p.add_argument("--long-tokens", type=int, default=32)
+    p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
     p.add_argument("--serve-start-timeout", type=float, default=150)

@@ -3,14 +3,17 @@
     python bench/kernels.py --out results.json [--tune] [--repeat 2] [--quick]
 
 Runs a correctness gate on GPU first (fp64 recurrence / references), then times on identical inputs:
-  lightning prefill: ours | fla chunk_simple_gla(g_gamma=-slope, scale=1) | torch blockwise reference
+  lightning prefill: ours | fla chunk_simple_gla(g_gamma=-slope, scale=1) | vLLM lightning_attention (fp32 inputs,
+                     one call per sequence as vLLM runs it) | torch blockwise reference
   lightning decode:  ours | fla fused_recurrent_simple_gla (contiguous states, and with the gather/scatter a slot
-                     pool needs) | torch reference
+                     pool needs) | vLLM linear_decode_forward_triton (same slot pool, in place) | torch reference
   experts:           ours bf16 | ours int8 weight-only | torch._grouped_mm pipeline | per-expert matmul reference
 Also measures copy bandwidth and the bf16 GEMM rate, and reports each row as a fraction of its roofline floor
 t_floor = max(min_bytes / copy_bw, flops / gemm_rate). Timing: triton.testing.do_bench median (L2 flushed between
 reps), the whole table repeated --repeat times (contenders interleaved), median of the repeats and their spread.
-fla is optional: if it does not import, its rows are skipped with a note.
+fla is optional: if it does not import, its rows are skipped with a note. So are vLLM's kernels: the one file
+vllm/model_executor/layers/lightning_attn.py, extracted and shimmed by bench/fetch_vllm_lightning.sh into the
+git-ignored third_party/vllm_lightning/ (send that folder along to the GPU machine).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.experts import grouped_swiglu  # noqa: E402
-from kernels.experts.grouped import grouped_swiglu_triton  # noqa: E402
+from kernels.experts.grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton  # noqa: E402
 from kernels.experts.reference import dequantize_int8, quantize_int8  # noqa: E402
 from kernels.experts.reference import grouped_swiglu as experts_reference  # noqa: E402
 from kernels.lightning import lightning_attention  # noqa: E402
@@ -47,6 +50,37 @@ try:
 except Exception as exc:  # noqa: BLE001 - any import problem means "skip fla"
     chunk_simple_gla = fused_recurrent_simple_gla = None
     FLA_NOTE = f"fla unavailable: {type(exc).__name__}: {exc}"
+
+VLLM_LIGHTNING_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party",
+                                   "vllm_lightning", "lightning_attn.py")
+VLLM_PREFILL = "vLLM lightning_attention (fp32)"
+VLLM_DECODE = "vLLM linear_decode (slot pool)"
+
+
+def _import_vllm_lightning():
+    """vLLM's lightning_attn.py from third_party/vllm_lightning (never installed, never committed), or None + why."""
+    import importlib.util
+
+    if not os.path.exists(VLLM_LIGHTNING_FILE):
+        return None, f"vLLM lightning kernels unavailable: no {VLLM_LIGHTNING_FILE} (bench/fetch_vllm_lightning.sh)"
+    name = "vllm_lightning_attn"
+    try:
+        spec = importlib.util.spec_from_file_location(name, VLLM_LIGHTNING_FILE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        for fn in ("lightning_attention", "linear_decode_forward_triton"):
+            getattr(mod, fn)
+    except Exception as exc:  # noqa: BLE001 - any import problem means "skip vLLM"
+        sys.modules.pop(name, None)
+        return None, f"vLLM lightning kernels unavailable: {type(exc).__name__}: {exc}"
+    return mod, ("vLLM 0.33.0 lightning_attn.py (third_party/vllm_lightning, import-shimmed): timed on fp32 q/k/v "
+                 "prepared outside the timed call, as vLLM's model feeds them (the bf16->fp32 cast is not timed); "
+                 "prefill = one call per sequence; relL2 of the vLLM rows is vs ours (information, not a gate: "
+                 "vLLM's inter-block decay is off by one factor of lambda)")
+
+
+vllm_lightning, VLLM_NOTE = _import_vllm_lightning()
 
 DEV = "cuda"
 HEADS, HEAD_DIM = 64, 128
@@ -76,7 +110,7 @@ def ceilings() -> dict:
     b = torch.empty_like(a)
     t = bench_ms(lambda: b.copy_(a))
     copy_bw = 2 * a.numel() * 4 / (t * 1e-3)
-    del a, b
+    a = b = None  # free the 2 GiB (not `del`: the lambda above closes over them, pyflakes flags that)
     x = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     t = bench_ms(lambda: x @ y)
@@ -176,7 +210,15 @@ def correctness_gate() -> dict:
     grouped_swiglu_triton(x, sizes, w13, w2, wts, out=y)
     res["experts_relL2"] = rel(y, ref64)
     res["experts_ref_bf16_relL2"] = rel(experts_reference(x, sizes, w13, w2, wts), ref64)
-    res["experts_dispatch_matches"] = rel(grouped_swiglu(x, sizes, w13, w2, wts), y) < 1e-6
+    yg = torch.full_like(x, float("nan"))
+    grouped_swiglu_grouped_mm(x, sizes, w13, w2, wts, out=yg)
+    res["experts_grouped_mm_relL2"] = rel(yg, ref64)
+    # the dispatcher: 115 rows per expert -> the grouped_mm path; 4 rows per expert -> the Triton kernel
+    small = [0, 5, 4, 3]
+    res["experts_dispatch_matches"] = (
+        rel(grouped_swiglu(x, sizes, w13, w2, wts), yg) < 1e-6
+        and rel(grouped_swiglu(x[:12], small, w13, w2, wts[:12]),
+                grouped_swiglu_triton(x[:12], small, w13, w2, wts[:12])) < 1e-6)
     q13, s13 = quantize_int8(w13)
     q2, s2 = quantize_int8(w2)
     y8 = torch.full_like(x, float("nan"))
@@ -189,6 +231,7 @@ def correctness_gate() -> dict:
           and res["prefill_state_relL2_max"] < 1e-2 and res["decode_all_written"] and res["decode_pad_zero"]
           and res["decode_o_relL2_max"] < 1e-2 and res["decode_state_relL2_max"] < 1e-2 and res["decode_untouched"]
           and res["experts_relL2"] < 1e-2 and res["experts_int8_relL2"] < 1e-2
+          and res["experts_grouped_mm_relL2"] < 1e-2
           and res["dispatch_prefill_matches_kernel"] and res["experts_dispatch_matches"])
     res["pass"] = bool(ok)
     return res
@@ -275,6 +318,166 @@ class DecodeCase:
         return lambda: lightning_reference(self.q, self.k, self.v, self.slopes, self.pool, [1] * self.B, self.slots)
 
 
+class VllmPrefill:
+    """vLLM's prefill the way its MiniMax model runs it (`jit_linear_forward_prefix`, once per sequence in a Python
+    loop: vLLM has no varlen kernel): fp32 q/k/v [1, H, n, D] (vLLM casts qkv to fp32 before the SiLU; here the cast
+    and the transposes are done once, outside the timed call), slopes [H, 1, 1] fp32, kv_history = the sequence's slot
+    of the fp32 state pool, its final state copied back into the slot. The outputs stay in vLLM's [1, H, n, D] fp32
+    layout (the model's rearrange to [n, H*D] is not timed); slot ids are Python ints (vLLM indexes with tensor
+    elements). Its inter-block term is off by one factor of lambda, so it is not an oracle."""
+
+    def __init__(self, case: PrefillCase):
+        H, D = case.q.shape[1], case.q.shape[2]
+        self.case = case
+        self.slopes = case.slopes.float().reshape(H, 1, 1).contiguous()
+        self.slot_list = case.slots.tolist()
+        self.seqs, start = [], 0
+        for n in case.lens:
+            self.seqs.append(tuple(torch.empty(1, H, n, D, device=t.device).copy_(t[start:start + n].transpose(0, 1))
+                                   for t in (case.q, case.k, case.v)))
+            start += n
+
+    def run(self, pool=None):
+        pool = self.case.pool if pool is None else pool
+
+        def run():
+            outs = []
+            for (q, k, v), slot in zip(self.seqs, self.slot_list):
+                o, kv = vllm_lightning.lightning_attention(q, k, v, self.slopes, block_size=256,
+                                                           kv_history=pool[slot][None])
+                pool[slot].copy_(kv[0, :, -1])
+                outs.append(o)
+            return outs
+        return run
+
+    def crosscheck(self) -> dict:
+        """rel-L2 of vLLM's outputs and final states vs ours, same inputs and start states (information only)."""
+        case = self.case
+        p_ours, p_vllm = case.pool.clone(), case.pool.clone()
+        o_ours = lightning_prefill_varlen(case.q, case.k, case.v, case.slopes, p_ours, case.lens, case.slots)
+        num = den = 0.0
+        start = 0
+        for n, o in zip(case.lens, self.run(p_vllm)()):
+            ref = o_ours[start:start + n].transpose(0, 1).float()
+            num += float((o[0] - ref).norm()) ** 2
+            den += float(ref.norm()) ** 2
+            start += n
+        return {"o_vs_ours": (num / max(den, 1e-300)) ** 0.5,
+                "state_vs_ours": rel(p_vllm[case.slots], p_ours[case.slots])}
+
+
+class VllmDecode:
+    """vLLM's decode kernel the way its model runs it (`linear_attention_decode`): fp32 q/k/v [B, H, 1, D] (cast and
+    made contiguous outside the timed call), slopes [H, 1, 1] fp32, BLOCK_SIZE 32, on the same fp32 state pool
+    [slots, H, D, D] and slot ids as ours (vLLM's pool layout), updated in place; output [B, H*D] fp32."""
+
+    def __init__(self, case: DecodeCase):
+        H = case.q.shape[1]
+        self.case = case
+        self.q, self.k, self.v = (t.float()[:, :, None].contiguous() for t in (case.q, case.k, case.v))
+        self.slopes = case.slopes.float().reshape(H, 1, 1).contiguous()
+
+    def run(self, pool=None):
+        pool = self.case.pool if pool is None else pool
+        return lambda: vllm_lightning.linear_decode_forward_triton(self.q, self.k, self.v, pool, self.slopes,
+                                                                   self.case.slots, BLOCK_SIZE=32)
+
+    def crosscheck(self) -> float:
+        """max rel-L2 (output, updated states) vs the torch reference on the same fp32 inputs and start states."""
+        from kernels.lightning.reference import lightning_decode
+
+        case = self.case
+        pool = case.pool.clone()
+        states = pool[case.slots]
+        o_ref = lightning_decode(self.q[:, :, 0], self.k[:, :, 0], self.v[:, :, 0], case.slopes, states)
+        o = self.run(pool)()
+        return max(rel(o.view_as(o_ref), o_ref), rel(pool[case.slots], states))
+
+
+def vllm_prefill_row(case: PrefillCase, name: str, rep: int, record, log, xcheck: dict):
+    """Time vLLM's prefill on `case` (and cross-check it against ours on the first pass); failures only log."""
+    try:
+        vcase = VllmPrefill(case)
+        err = None
+        if rep == 0:
+            xcheck[name] = res = vcase.crosscheck()
+            err = res["o_vs_ours"]
+            log(f"  prefill {name} {VLLM_PREFILL} vs ours: o {err:.1e}, final states {res['state_vs_ours']:.1e}")
+        record("prefill", name, VLLM_PREFILL, vcase.run(), case.bytes, case.flops, err)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, keep going
+        log(f"  prefill {name} {VLLM_PREFILL}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+    vcase = None
+    torch.cuda.empty_cache()
+
+
+def vllm_decode_row(case: DecodeCase, name: str, rep: int, record, log):
+    """Time vLLM's decode on `case` (and check it against the reference on the first pass); failures only log."""
+    try:
+        vcase = VllmDecode(case)
+        err = vcase.crosscheck() if rep == 0 else None
+        record("decode", name, VLLM_DECODE, vcase.run(), case.bytes, case.flops, err)
+    except Exception as exc:  # noqa: BLE001
+        log(f"  decode {name} {VLLM_DECODE}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def vllm_check() -> dict:
+    """vLLM's kernels vs the fp64 recurrence, on the gate's inputs (information, not a gate).
+
+    vLLM's prefill inter-block term uses lambda^i where the recurrence has lambda^(i+1) (i = row in the 256-token
+    block), so its output error is expected well above TF32 rounding wherever a carried state is non-zero: after
+    the first block, and in the first block too when the initial state is non-zero. Its final states and its decode
+    should match the recurrence to TF32 / fp32 rounding."""
+    torch.manual_seed(1)
+    res = {}
+    H, D = 8, HEAD_DIM
+    slopes = torch.cat([slopes_for(0, 4), slopes_for(79, 4)]).to(DEV)
+    sl = slopes.float().reshape(H, 1, 1).contiguous()
+    sq_err = sq_ref = 0.0
+    eo, es = [], []
+    for n in [1, 5, 64, 65, 300, 1000]:
+        q, k, v = act(H, n, D), act(H, n, D), act(H, n, D)
+        s0 = torch.randn(H, D, D, device=DEV) * 0.1
+        o_ref, s_ref = lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu(), s0.cpu())
+        o, kv = vllm_lightning.lightning_attention(q.float()[None], k.float()[None], v.float()[None], sl,
+                                                   block_size=256, kv_history=s0[None].clone())
+        o = o[0].cpu().double()
+        sq_err += float((o - o_ref).norm()) ** 2
+        sq_ref += float(o_ref.norm()) ** 2
+        eo.append(rel(o, o_ref))
+        es.append(rel(kv[0, :, -1].cpu(), s_ref))
+    res["prefill_o_relL2_all"] = (sq_err / sq_ref) ** 0.5
+    res["prefill_o_relL2_max"] = max(eo)
+    res["prefill_state_relL2_max"] = max(es)
+    # zero initial state: the first block has no carried state (matches), the rest carries the off-by-one
+    n = 1000
+    q, k, v = act(H, n, D), act(H, n, D), act(H, n, D)
+    o_ref, _ = lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu())
+    o, _ = vllm_lightning.lightning_attention(q.float()[None], k.float()[None], v.float()[None], sl, block_size=256)
+    o = o[0].cpu()
+    res["prefill_zero_state_first_block_relL2"] = rel(o[:, :256], o_ref[:, :256])
+    res["prefill_zero_state_after_first_block_relL2"] = rel(o[:, 256:], o_ref[:, 256:])
+    # decode: scattered slots with a padded one (-1: skipped, output row left unwritten), in place
+    B, NS = 16, 40
+    q, k, v = (act(B, H, D).float()[:, :, None].contiguous() for _ in range(3))
+    pool = torch.randn(NS, H, D, D, device=DEV) * 0.1
+    slots = torch.randperm(NS, device=DEV)[:B]
+    slots[3] = -1
+    pool0 = pool.clone()
+    o = vllm_lightning.linear_decode_forward_triton(q, k, v, pool, sl, slots, BLOCK_SIZE=32).view(B, H, D)
+    eo, es = [], []
+    for b, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        o_ref, s_ref = lightning_recurrence(q[b].cpu(), k[b].cpu(), v[b].cpu(), slopes.cpu(), pool0[slot].cpu())
+        eo.append(rel(o[b].cpu(), o_ref[:, 0]))
+        es.append(rel(pool[slot].cpu(), s_ref))
+    rest = [i for i in range(NS) if i not in set(slots.tolist())]
+    res["decode_o_relL2_max"] = max(eo)
+    res["decode_state_relL2_max"] = max(es)
+    res["decode_untouched"] = bool(torch.equal(pool[rest], pool0[rest]))
+    return res
+
+
 class ExpertsCase:
     def __init__(self, E, M, weights):
         self.E, self.M = E, M
@@ -290,6 +493,9 @@ class ExpertsCase:
         self.bytes_int8 = touched * 3 * Hd * Fd + 2 * M * Hd * 2
         self.flops = 2 * M * 3 * Hd * Fd
         self.out = torch.empty_like(self.x)
+
+    def engine(self):
+        return lambda: grouped_swiglu(self.x, self.sizes, self.w13, self.w2, self.wts)
 
     def ours(self, **cfg):
         return lambda: grouped_swiglu_triton(self.x, self.sizes, self.w13, self.w2, self.wts, out=self.out, **cfg)
@@ -316,11 +522,11 @@ def tune(log) -> dict:
     best = {}
     # prefill
     # num_stages=1 with block_v=32 miscompiles under triton 3.6 (wrong results / illegal address, seen on H200),
-    # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept.
-    single = ([dict(block_v=64, segment=L) for L in (0, 1024, 2048, 4096, 8192)]
-              + [dict(block_v=32, segment=0), dict(block_v=128, segment=2048), dict(block_v=64, num_warps=4)]
-              + [dict(block_v=64, segment=2048, num_stages=2), dict(chunk=128, block_v=64, segment=2048,
-                                                                      num_stages=2)])
+    # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept. Earlier sweeps (chunk 32 /
+    # 128, 8 warps, segmenting at 64 heads) are in bench/results/kernels-tune-h100-2026-11-27.json. Each config is
+    # checked against the default config's output before it is timed.
+    single = [dict(), dict(num_warps=8), dict(num_stages=2), dict(block_v=32, num_stages=3),
+              dict(block_v=128, segment=4096), dict(block_v=64, segment=8192)]
     packed = [dict(block_v=bv, num_warps=w, num_stages=st, segment=0) for bv in (64, 128) for w in (4, 8)
               for st in (2, 3)]
     for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("single 128K", [131072]),
@@ -328,13 +534,22 @@ def tune(log) -> dict:
         cfgs = packed if len(lens) > 1 else single
         case = PrefillCase(lens)
         rows = []
+        pool0 = case.pool.clone()  # every call updates the states in place: restart from the same ones
+        ref = case.ours()().clone()
         for cfg in cfgs:
             try:
+                case.pool.copy_(pool0)
+                err = rel(case.ours(**cfg)(), ref)
+                if not err < 1e-2:
+                    log(f"  prefill {name} {cfg}: WRONG (rel {err:.2e} vs the default config)")
+                    continue
                 rows.append((bench_ms(case.ours(**cfg)), cfg))
             except Exception as exc:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory)
                 log(f"  prefill {name} {cfg}: {type(exc).__name__}")
         rows.sort(key=lambda r: r[0])
-        for t, cfg in rows[:5]:
+        if chunk_simple_gla is not None:
+            rows.append((bench_ms(case.fla()), "fla chunk_simple_gla (contender)"))
+        for t, cfg in rows[:5] + rows[-1:]:
             log(f"  prefill {name}: {t:.3f} ms {cfg}")
         best[f"prefill {name}"] = [(t, cfg) for t, cfg in rows]
         del case
@@ -356,6 +571,15 @@ def tune(log) -> dict:
     return best
 
 
+def expert_weights():
+    """8 experts at hidden 6144 / ffn 9216: bf16 and int8 weight-only (w13, w2, q13, s13, q2, s2)."""
+    w13 = (torch.randn(8, 2 * 9216, 6144, device=DEV) * 0.01).bfloat16()
+    w2 = (torch.randn(8, 6144, 9216, device=DEV) * 0.01).bfloat16()
+    q13, s13 = quantize_int8(w13)
+    q2, s2 = quantize_int8(w2)
+    return w13, w2, q13, s13, q2, s2
+
+
 def expert_tune(weights, log) -> dict:
     best = {}
     ecfgs = [dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
@@ -368,8 +592,8 @@ def expert_tune(weights, log) -> dict:
              dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
              dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    for M in (8, 128, 1024, 8192):
-        case = ExpertsCase(8, M, weights)
+    for E, M in ((4, 1), (8, 8), (8, 128), (4, 512), (8, 1024), (8, 8192)):
+        case = ExpertsCase(E, M, weights)
         rows = []
         for cfg in ecfgs:
             if cfg["BM"] > 32 and M <= 8:
@@ -378,10 +602,15 @@ def expert_tune(weights, log) -> dict:
                 rows.append((bench_ms(case.ours(config=cfg)), cfg))
             except Exception as exc:  # noqa: BLE001
                 log(f"  experts M={M} {cfg}: {type(exc).__name__}")
+        rows.append((bench_ms(case.ours()), "Triton, default config"))
+        rows.append((bench_ms(lambda: grouped_swiglu_grouped_mm(case.x, case.sizes, case.w13, case.w2, case.wts)),
+                     "grouped_mm path"))
+        if hasattr(torch, "_grouped_mm"):
+            rows.append((bench_ms(case.grouped_mm()), "torch._grouped_mm pipeline (contender)"))
         rows.sort(key=lambda r: r[0])
-        for t, cfg in rows[:4]:
-            log(f"  experts E=8 M={M}: {t:.3f} ms {cfg}")
-        best[f"experts E=8 M={M}"] = rows
+        for t, cfg in rows[:4] + [r for r in rows[4:] if isinstance(r[1], str)]:
+            log(f"  experts E={E} M={M}: {t:.3f} ms {cfg}")
+        best[f"experts E={E} M={M}"] = rows
     return best
 
 
@@ -392,6 +621,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="also sweep kernel configs (adds a few minutes)")
     ap.add_argument("--quick", action="store_true", help="small subset of shapes")
+    ap.add_argument("--tune-only", action="store_true", help="run the gate and the sweeps, skip the timing table")
+    ap.add_argument("--deadline-s", type=float, default=0,
+                    help="skip further timing passes once another would end past this many seconds of timing")
     args = ap.parse_args()
 
     lines = []
@@ -409,6 +641,7 @@ def main():
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "commit": commit, "fla": FLA_NOTE,
             "grouped_mm": hasattr(torch, "_grouped_mm")}
+    info["vllm_lightning"] = VLLM_NOTE
     result = {"info": info, "rows": []}
 
     def save():
@@ -422,12 +655,23 @@ def main():
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 GEMM 8192^3 {gemm / 1e12:.0f} TFLOP/s")
     result["gate"] = gate = correctness_gate()
     log("correctness gate: " + json.dumps(gate))
+    if vllm_lightning is not None:
+        try:
+            result["vllm_check"] = vllm_check()
+            log("vLLM kernels vs fp64 recurrence (information, not a gate): " + json.dumps(result["vllm_check"]))
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            log(f"vLLM check FAILED {type(exc).__name__}: {str(exc)[:200]}")
     save()
-    if args.tune:
+    if args.tune or args.tune_only:
         t0 = time.time()
         result["tune"] = tune(log)
         save()
         log(f"(lightning tuning took {time.time() - t0:.0f} s)")
+    if args.tune_only:
+        result["tune"].update(expert_tune(expert_weights(), log))
+        result["log"] = lines
+        save()
+        return
 
     def floor_ms(nbytes, flops):
         return max(nbytes / bw, flops / gemm) * 1e3
@@ -446,7 +690,12 @@ def main():
         if key not in meta or err is not None:  # the cross-check error is computed on the first pass only
             meta[key] = (nbytes, flops, err)
 
+    t_start = time.time()
     for rep in range(args.repeat):
+        elapsed = time.time() - t_start
+        if rep and args.deadline_s and elapsed * (rep + 1) / rep > args.deadline_s:
+            log(f"-- timing pass {rep + 1}/{args.repeat} skipped: it would end past --deadline-s {args.deadline_s:.0f}")
+            break
         log(f"-- timing pass {rep + 1}/{args.repeat}")
         for name, lens, heads in prefill_cases(args.quick):
             case = PrefillCase(lens, heads)
@@ -461,6 +710,8 @@ def main():
                 record("prefill", name, "ours, not segmented", case.ours(segment=0), case.bytes, case.flops)
             if chunk_simple_gla is not None:
                 record("prefill", name, "fla chunk_simple_gla", case.fla(), case.bytes, case.flops)
+            if vllm_lightning is not None:
+                vllm_prefill_row(case, name, rep, record, log, result.setdefault("vllm_crosscheck", {}))
             if sum(lens) <= 8192:
                 record("prefill", name, "torch reference", case.torch_ref(), case.bytes, case.flops)
             del case
@@ -481,16 +732,14 @@ def main():
                 record("decode", name, "fla fused_recurrent (contiguous)", case.fla(False), case.bytes, case.flops)
                 record("decode", name, "fla fused_recurrent + gather/scatter", case.fla(True), case.bytes,
                        case.flops)
+            if vllm_lightning is not None:
+                vllm_decode_row(case, name, rep, record, log)
             record("decode", name, "torch reference", case.torch_ref(), case.bytes, case.flops)
             del case
         del pool
         torch.cuda.empty_cache()
         if rep == 0:
-            w13 = (torch.randn(8, 2 * 9216, 6144, device=DEV) * 0.01).bfloat16()
-            w2 = (torch.randn(8, 6144, 9216, device=DEV) * 0.01).bfloat16()
-            q13, s13 = quantize_int8(w13)
-            q2, s2 = quantize_int8(w2)
-            weights = (w13, w2, q13, s13, q2, s2)
+            weights = expert_weights()
             if args.tune:
                 result["tune"].update(expert_tune(weights, log))
                 save()
@@ -498,10 +747,14 @@ def main():
             for M in ([1, 32, 512, 4096] if args.quick else [1, 8, 32, 128, 512, 2048, 8192]):
                 case = ExpertsCase(E, M, weights)
                 err = None
+                err = err_triton = None
                 if rep == 0:
-                    err = rel(case.ours()(), case.torch_ref()())
+                    ref = case.torch_ref()()
+                    err, err_triton = rel(case.engine()(), ref), rel(case.ours()(), ref)
                 name = f"E={E} M={M}"
-                record("experts", name, "ours bf16", case.ours(), case.bytes, case.flops, err)
+                record("experts", name, "ours (engine: Triton, or grouped_mm path)", case.engine(), case.bytes,
+                       case.flops, err)
+                record("experts", name, "ours Triton bf16", case.ours(), case.bytes, case.flops, err_triton)
                 record("experts", name, "ours int8 weight-only", case.ours_int8(), case.bytes_int8, case.flops)
                 if info["grouped_mm"]:
                     record("experts", name, "torch._grouped_mm", case.grouped_mm(), case.bytes, case.flops)
@@ -551,6 +804,10 @@ def main():
             log(f"geomean speedup {section} (vs best other): {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")
     for section, vs in (("prefill", "fla chunk_simple_gla"), ("decode", "fla fused_recurrent (contiguous)"),
                         ("experts", "torch._grouped_mm")):
+        sp = [s["speedup_vs"][vs] for s in summary if s["section"] == section and vs in s["speedup_vs"]]
+        if sp:
+            log(f"geomean speedup {section} vs {vs}: {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")
+    for section, vs in (("prefill", VLLM_PREFILL), ("decode", VLLM_DECODE)):
         sp = [s["speedup_vs"][vs] for s in summary if s["section"] == section and vs in s["speedup_vs"]]
         if sp:
             log(f"geomean speedup {section} vs {vs}: {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")

@@ -22,6 +22,7 @@ from model_shards.batch import ForwardBatch, ModelCache, SeqChunk  # noqa: E402
 from model_shards.checkpoint import INDEX_FILE  # noqa: E402
 from model_shards.config import ModelConfig  # noqa: E402
 from model_shards.tiny import random_weights, tiny_config, write_checkpoint  # noqa: E402
+from model_shards.transformers_compat import to_transformers_tensors  # noqa: E402
 
 KV_BLOCK = 16
 
@@ -54,24 +55,6 @@ def write_sharded(out: str | Path, config: dict, groups: list[tuple[str, dict[st
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
-
-
-def to_transformers_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original names -> transformers 5.24 names (model.md section 2): `.block_sparse_moe.` -> `.mlp.`, experts
-    fused to gate_up_proj [E, 2F, H] = cat(stack(w1), stack(w3), dim=1) and down_proj [E, H, F]."""
-    out = {}
-    for n, t in tensors.items():
-        if ".experts." not in n:
-            out[n.replace(".block_sparse_moe.", ".mlp.")] = t
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}.block_sparse_moe.experts."
-        w1 = torch.stack([tensors[f"{p}{e}.w1.weight"] for e in range(cfg.num_local_experts)])
-        w3 = torch.stack([tensors[f"{p}{e}.w3.weight"] for e in range(cfg.num_local_experts)])
-        w2 = torch.stack([tensors[f"{p}{e}.w2.weight"] for e in range(cfg.num_local_experts)])
-        q = f"model.layers.{layer}.mlp.experts."
-        out[q + "gate_up_proj"] = torch.cat([w1, w3], dim=1)
-        out[q + "down_proj"] = w2
     return out
 
 
