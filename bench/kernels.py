@@ -525,8 +525,9 @@ def tune(log) -> dict:
     # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept. Earlier sweeps (chunk 32 /
     # 128, 8 warps, segmenting at 64 heads) are in bench/results/kernels-tune-h100-2026-11-27.json. Each config is
     # checked against the default config's output before it is timed.
-    single = [dict(), dict(num_warps=8), dict(num_stages=2), dict(block_v=32, num_stages=3),
-              dict(block_v=128, segment=4096), dict(block_v=64, segment=8192)]
+    single = [dict(), dict(num_warps=8), dict(num_stages=2), dict(num_warps=8, num_stages=2),
+              dict(block_v=32, num_stages=3), dict(block_v=32, num_warps=8), dict(block_v=128, segment=4096),
+              dict(block_v=64, segment=8192)]
     packed = [dict(block_v=bv, num_warps=w, num_stages=st, segment=0) for bv in (64, 128) for w in (4, 8)
               for st in (2, 3)]
     for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("single 128K", [131072]),

@@ -99,18 +99,21 @@ class RouterDispatcher:
         self.num_tokens = num_tokens
         padded = self.num_shards == 1 or num_tokens * self.num_shards <= self.padded_max_rows
         self.mode = MODE_PADDED if padded else MODE_EXACT
-        header = torch.tensor([OP_STEP, num_tokens, self.mode, 0], dtype=torch.long, device=self.device)
+        self._send_header(OP_STEP, num_tokens, self.mode)
+
+    def _send_header(self, op: int, num_tokens: int = 0, mode: int = 0) -> None:
+        header = torch.tensor([op, num_tokens, mode, 0], dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU to drain
+            header = header.pin_memory().to(self.device, non_blocking=True)
         _collective(dist.broadcast, header, src=ROUTER_RANK)
 
     def shutdown(self) -> None:
-        header = torch.tensor([OP_SHUTDOWN, 0, 0, 0], dtype=torch.long, device=self.device)
-        _collective(dist.broadcast, header, src=ROUTER_RANK)
+        self._send_header(OP_SHUTDOWN)
 
     def heartbeat(self) -> None:
         """Sent while idle: the shards' wait for a header never hits the collective timeout, and a dead shard is
         noticed before the next request needs it."""
-        header = torch.tensor([OP_HEARTBEAT, 0, 0, 0], dtype=torch.long, device=self.device)
-        _collective(dist.broadcast, header, src=ROUTER_RANK)
+        self._send_header(OP_HEARTBEAT)
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, N = h.shape[0], self.num_shards
