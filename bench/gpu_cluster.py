@@ -167,7 +167,7 @@ class _EchoExperts:
         return x.contiguous()
 
 
-def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, experts, top_k, result_path):
+def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path):
     import torch
     import torch.distributed as dist
 
@@ -189,7 +189,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
     eps = experts // N
     rows_out = []
     with torch.inference_mode():
-        for T in sizes:
+        for layers, T in [(n, T) for n in layer_counts for T in sizes]:
+            steps = max(5, 800 // layers) if dev.type == "cuda" else 5
             gen = torch.Generator().manual_seed(T)  # same routing on every rank
             ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(T)]).to(dev)
             weights = torch.rand(T, top_k, generator=gen).to(dev)  # fp32, as the router's gate gives them
@@ -242,7 +243,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layers, steps, hidden, expe
             dist.barrier()
             if rank == 0:
                 elem = torch.empty((), dtype=dtype).element_size()
-                rows_out.append({"tokens": T, "mode": "padded" if padded else "exact", "rows_per_shard": counts,
+                rows_out.append({"layers_per_step": layers, "tokens": T, "mode": "padded" if padded else "exact",
+                                 "rows_per_shard": counts,
                                  "bytes_per_layer": sum(counts) * (width + hidden) * elem,
                                  "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
                                  "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3})
@@ -264,24 +266,29 @@ def phase_dispatch(args) -> dict:
 
     from model_shards.config import ModelConfig
 
-    cfg = ModelConfig.from_file(args.model)
+    if Path(args.model, "config.json").exists():
+        cfg = ModelConfig.from_file(args.model)
+    else:  # only the dims matter here (echo experts): no checkpoint needed
+        from bench.make_scaled_checkpoint import scaled_config
+        cfg = scaled_config(args.layers, args.vocab, args.full_every, args.tiny)
     world = args.shards + 1
     sizes = [1, 8, 64, 256, 1024, 4096] if not args.tiny else [1, 8, 64, 256]
-    layers, steps = cfg.num_hidden_layers, (20 if args.device == "cuda" else 5)
+    # the checkpoint's MoE layers per step, and MiniMax-M1's 80 (the step header is paid once per step)
+    layer_counts = sorted({cfg.num_hidden_layers, *args.dispatch_layers})
     result = Path(args.work, "dispatch_rows.tmp.json")
-    mp.spawn(_dispatch_rank, args=(world, _free_port(), args.device, sizes, layers, steps, cfg.hidden_size,
+    mp.spawn(_dispatch_rank, args=(world, _free_port(), args.device, sizes, layer_counts, cfg.hidden_size,
                                    cfg.num_local_experts, cfg.num_experts_per_tok, str(result)), nprocs=world)
     rows = json.loads(result.read_text())
     result.unlink()
     # alpha + bytes / bandwidth, least squares on the raw rows
     xs, ys = [r["bytes_per_layer"] for r in rows], [r["raw_ms"] / 1e3 for r in rows]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     alpha = my - slope * mx
     for r in rows:
         r["model_ms"] = (alpha + slope * r["bytes_per_layer"]) * 1e3
-    return {"world": world, "layers_per_step": layers, "steps": steps, "rows": rows,
+    return {"world": world, "layers_per_step": layer_counts, "rows": rows,
             "fit": {"alpha_us": alpha * 1e6, "bandwidth_GBps": (1 / slope / 1e9) if slope > 0 else None,
                     "note": "per layer round trip = 2 all_to_all_single (to the shards, back); alpha covers both"}}
 
@@ -817,17 +824,19 @@ def report(args, phase_status: dict) -> dict:
     if di and di.get("rows"):
         f = di["fit"]
         L.append(f"## Dispatch: RouterDispatcher protocol vs raw all_to_all_single (same bytes), {di['world']} ranks\n")
-        L.append(f"Per MoE layer round trip on the router, echo experts on the shards, {di['layers_per_step']} layers "
-                 f"per step (our time includes the step header broadcast / {di['layers_per_step']}, packing, the "
-                 "count exchange in exact mode, and the combine). Fit of the raw rows: alpha "
+        L.append("Per MoE layer round trip on the router, echo experts on the shards, at "
+                 f"{' and '.join(map(str, di['layers_per_step']))} MoE layers per step (the checkpoint's; MiniMax-M1 "
+                 "has 80): our time includes the step header broadcast / layers, packing, the count exchange in exact "
+                 "mode, and the combine. Fit of the raw rows: alpha "
                  f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
         L.append("`host ms` = time the router's CPU took to issue the layer (no sync): close to the total means the "
                  "host, not the link, sets the pace.\n")
-        L.append("| tokens | mode | bytes/layer | ours ms | ours host ms | raw ms | raw host ms | ours / raw | "
-                 "alpha+bytes/BW ms | ours / model |")
-        L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("| layers/step | tokens | mode | bytes/layer | ours ms | ours host ms | raw ms | raw host ms | "
+                 "ours / raw | alpha+bytes/BW ms | ours / model |")
+        L.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
-            L.append(f"| {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | {fmt(r['ours_ms'], 3)} | "
+            L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | "
+                     f"{fmt(r['ours_ms'], 3)} | "
                      f"{fmt(r.get('ours_host_ms'), 3)} | {fmt(r['raw_ms'], 3)} | {fmt(r.get('raw_host_ms'), 3)} | "
                      f"{fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
                      f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
@@ -899,6 +908,8 @@ def build_parser():
     p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the in-process engine")
     p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
     p.add_argument("--long-tokens", type=int, default=32)
+    p.add_argument("--dispatch-layers", type=lambda s: [int(x) for x in s.split(",")], default=[80],
+                   help="MoE layers per step in the dispatch phase, besides the checkpoint's own count")
     p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
