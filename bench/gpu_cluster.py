@@ -167,7 +167,8 @@ class _EchoExperts:
         return x.contiguous()
 
 
-def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path):
+def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path,
+                   profile_at=None):
     import torch
     import torch.distributed as dist
 
@@ -216,6 +217,24 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             else:
                 ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
             dist.barrier()
+            if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    if rank == 0:
+                        disp = RouterDispatcher(N, experts, hidden, top_k, dev)
+                        for _ in range(3):
+                            disp.begin_step(T)
+                            for layer in range(layers):
+                                disp(layer, h, ids, weights)
+                        disp.shutdown()
+                    else:
+                        ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+                    sync(dev)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                Path(result_path).with_name(f"dispatch_profile_rank{rank}.txt").write_text(table)
+                dist.barrier()
             # ---- raw all_to_all_single of the same bytes (forward rows with routing meta, answers back)
             if rank == 0:
                 send_f = torch.randn(sum(counts), width, device=dev).to(dtype)
@@ -277,7 +296,8 @@ def phase_dispatch(args) -> dict:
     layer_counts = sorted({cfg.num_hidden_layers, *args.dispatch_layers})
     result = Path(args.work, "dispatch_rows.tmp.json")
     mp.spawn(_dispatch_rank, args=(world, _free_port(), args.device, sizes, layer_counts, cfg.hidden_size,
-                                   cfg.num_local_experts, cfg.num_experts_per_tok, str(result)), nprocs=world)
+                                   cfg.num_local_experts, cfg.num_experts_per_tok, str(result), args.dispatch_profile),
+             nprocs=world)
     rows = json.loads(result.read_text())
     result.unlink()
     # alpha + bytes / bandwidth, least squares on the raw rows
@@ -910,6 +930,8 @@ def build_parser():
     p.add_argument("--long-tokens", type=int, default=32)
     p.add_argument("--dispatch-layers", type=lambda s: [int(x) for x in s.split(",")], default=[80],
                    help="MoE layers per step in the dispatch phase, besides the checkpoint's own count")
+    p.add_argument("--dispatch-profile", type=lambda s: [int(x) for x in s.split("x")], default=None,
+                   help="LAYERSxTOKENS: also profile that dispatch case on every rank (tables in --work)")
     p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
