@@ -1,6 +1,7 @@
 """One-command GPU benchmark of the whole cluster (issue 11).
 
-    python3 bench/gpu_cluster.py --out DIR                      # on a 3+ GPU machine (router GPU + 2 shard GPUs)
+    python3 bench/gpu_cluster.py --out DIR                      # on a 3+ GPU machine (router GPU + 2 shard GPUs;
+                                                                # --shards 1 on a 2-GPU machine)
     python3 bench/gpu_cluster.py --out DIR --device cpu --tiny  # the same phases on CPU (gloo), tiny dims
 
 Phases, each in its own subprocess with a time cap (a hang or crash in one leaves the others' results); each

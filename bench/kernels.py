@@ -1,13 +1,16 @@
 """Side-by-side GPU benchmark of m1serve's Triton kernels (one GPU, one process).
 
-    python bench/kernels.py --out results.json [--tune] [--repeat 2] [--quick]
+    python3 -m bench.kernels --out results.json [--tune | --tune-only] [--repeat 2] [--quick] [--deadline-s S]
+
+(as a module from the repo root: run as a file, bench/kernels.py would shadow the `kernels` package)
 
 Runs a correctness gate on GPU first (fp64 recurrence / references), then times on identical inputs:
   lightning prefill: ours | fla chunk_simple_gla(g_gamma=-slope, scale=1) | vLLM lightning_attention (fp32 inputs,
                      one call per sequence as vLLM runs it) | torch blockwise reference
   lightning decode:  ours | fla fused_recurrent_simple_gla (contiguous states, and with the gather/scatter a slot
                      pool needs) | vLLM linear_decode_forward_triton (same slot pool, in place) | torch reference
-  experts:           ours bf16 | ours int8 weight-only | torch._grouped_mm pipeline | per-expert matmul reference
+  experts:           ours (the engine's dispatcher: Triton, or the grouped_mm path above 96 rows per expert) | ours
+                     Triton only | ours int8 weight-only | torch._grouped_mm pipeline | per-expert matmul reference
 Also measures copy bandwidth and the bf16 GEMM rate, and reports each row as a fraction of its roofline floor
 t_floor = max(min_bytes / copy_bw, flops / gemm_rate). Timing: triton.testing.do_bench median (L2 flushed between
 reps), the whole table repeated --repeat times (contenders interleaved), median of the repeats and their spread.
