@@ -631,6 +631,7 @@ def phase_serve(args) -> dict:
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--expert-shards", str(args.shards),
            "--router-gpus", "1" if gpu else "0", "--gpus-per-shard", "1" if gpu else "0",
            "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.prompt_len + args.serve_tokens + 64),
+           "--max-num-batched-tokens", str(args.chunk),
            "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
            "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
     if gpu:
@@ -926,7 +927,7 @@ def build_parser():
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--serve-tokens", type=int, default=256)
     p.add_argument("--engine-tokens", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the in-process engine")
+    p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the engine and the server")
     p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
     p.add_argument("--long-tokens", type=int, default=32)
     p.add_argument("--dispatch-layers", type=lambda s: [int(x) for x in s.split(",")], default=[80],
