@@ -35,7 +35,7 @@ FAMILIES = [
     Family("m1serve_request_queue_time_seconds", "histogram", "Time a request waited before it was scheduled.",
            buckets=tuple(REQUEST_BUCKETS)),
     Family("m1serve_dispatch_latency_seconds", "histogram",
-           "One MoE layer's round trip router -> expert shards -> router (all_to_all out, expert compute, back).",
+           "One MoE layer's round trip router -> expert shards -> router (rows out, expert compute, answers back).",
            buckets=tuple(LAYER_BUCKETS)),
     Family("m1serve_shard_compute_seconds", "histogram", "Expert compute of one MoE layer on one shard.",
            labels=("shard",), buckets=tuple(LAYER_BUCKETS)),
