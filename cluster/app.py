@@ -17,7 +17,7 @@ from .deployments import ExpertShard, Router
 
 ROUTER_NAME = "Router"
 ENGINE_FIELDS = ("dtype", "expert_dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_len",
-                 "max_tokens_per_request", "request_timeout_s", "cache_memory_gb", "collective_timeout_s")
+                 "max_tokens_per_request", "request_timeout_s", "cache_memory_gb", "collective_timeout_s", "warmup")
 APP_NAME = "m1serve"
 
 
@@ -45,6 +45,8 @@ class AppArgs(BaseModel):
     request_timeout_s: float | None = Field(600.0, gt=0, description="unfinished requests fail after this")
     cache_memory_gb: float | None = Field(None, gt=0)
     collective_timeout_s: float = Field(30.0, gt=0)
+    warmup: bool | None = Field(None, description="throwaway requests before serving, so the first users do not wait "
+                                                   "for kernel compilation; default: on GPU only")
     api_key_env: str | None = Field("M1SERVE_API_KEY", description="env var holding the API key (unset: no auth)")
     per_layer_expert_metrics: bool = Field(False, description="export tokens per (layer, expert): layers x experts "
                                                               "series")

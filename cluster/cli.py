@@ -94,6 +94,7 @@ def cmd_serve(args) -> int:
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,
+                       warmup={"auto": None, "on": True, "off": False}[args.warmup],
                        shard_resources=dict(args.shard_resource),
                        env={**({} if args.address else {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}),
                             **dict(args.replica_env)})
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens-per-request", type=int, default=None)
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--drain-timeout-s", type=float, default=20.0, help="on SIGTERM, time for in-flight requests")
+    p.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
+                   help="throwaway requests before serving (compiles the GPU kernels); auto: on GPU only")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)

@@ -41,6 +41,21 @@ def test_mixed_batch_arriving_at_different_times_matches_single_process_model(en
     assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
 
 
+def test_warmup_leaves_no_trace(tiny_model, reference_parts):
+    """The warm-up's throwaway requests run to the end, free everything, reset the counters, and a request after it
+    gives the single-process model's tokens (no state left in the reused slots)."""
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_num_batched_tokens=96, max_model_len=1024,
+                             warmup=True)) as e:
+        assert e.warmup_s is not None and e.warmup_s > 0
+        s = e.stats()
+        assert s["running"] == s["waiting"] == s["slots_used"] == s["kv_blocks_used"] == 0
+        assert not e.counters and e.profile.steps == 0
+        prompt = random_ids(130, 512, seed=3)
+        assert e.generate(prompt, GREEDY).token_ids == greedy_reference(*reference_parts, prompt, GREEDY.max_tokens)
+    with Engine(EngineConfig(model=str(tiny_model))) as e:  # on CPU it is off unless asked for
+        assert e.warmup_s is None
+
+
 def test_continuous_batching_steps_are_shared(tiny_model):
     """16 concurrent decodes take about as many steps as one: they share each step (real batching)."""
     with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=16, max_num_batched_tokens=512)) as e:

@@ -27,13 +27,15 @@ def expected(reference_parts):
     return prompts, [greedy_reference(*reference_parts, p, GREEDY.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("shards, padded_max_rows", [(1, 512), (2, 512), (4, 512), (2, 0)],
-                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch"])
-def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows):
+@pytest.mark.parametrize("shards, padded_max_rows, warmup", [(1, 512, False), (2, 512, False), (4, 512, False),
+                                                             (2, 0, False), (2, 512, True)],
+                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch", "2shards-after-warmup"])
+def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup):
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
-                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60)
+                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60, warmup=warmup)
     with Engine(cfg) as engine:
+        assert (engine.warmup_s is not None) == warmup
         streams = []
         for i, p in enumerate(prompts):
             streams.append(engine.submit(p, GREEDY))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
 
 from cluster.engine.engine import Engine, EngineConfig
@@ -17,10 +18,13 @@ def value(registry, name: str, **labels) -> float:
     return 0.0 if v is None else v
 
 
-def test_engine_metrics_count_what_was_served(tiny_model):
+@pytest.mark.parametrize("warmup", [False, True], ids=["no-warmup", "warmup"])
+def test_engine_metrics_count_what_was_served(tiny_model, warmup):
+    """(With the warm-up on, its throwaway requests must not show up in any metric.)"""
     metrics = Metrics("prometheus")
     reg = metrics.registry
-    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4), metrics=metrics) as engine:
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4, warmup=warmup), metrics=metrics) as engine:
+        assert (engine.warmup_s is not None) == warmup
         lengths = [(5, 7), (40, 3), (1, 10)]
         outs = [engine.generate(random_ids(p, 512, p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
                 for p, n in lengths]

@@ -62,6 +62,7 @@ class EngineConfig:
     collective_timeout_s: float = 30.0
     padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
+    warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
 
 
 class RequestStream:
@@ -161,8 +162,44 @@ class Engine:
         self.error: str | None = None  # why the shard group is down, while it is (details go to the log)
         self.counters = defaultdict(int)
         self._thread = threading.Thread(target=self._loop, name="m1serve-engine", daemon=True)
+        self.warmup_s: float | None = None  # how long the warm-up took (None: not run, or skipped)
         if start:
             self._thread.start()
+            if config.warmup or (config.warmup is None and self.device.type == "cuda"):
+                self.warmup()
+
+    def warmup(self) -> None:
+        """Runs throwaway requests through the whole path before the engine serves: a prompt of a full step's tokens
+        and a batch of short decodes. On GPU each Triton kernel config a real step needs (prefill chunk, expert tile
+        sizes, batched decode) compiles here instead of inside the first users' time to first token. Leaves no
+        trace: metrics are off meanwhile and the counters start from zero afterwards. A failure only skips it."""
+        metrics, self.metrics = self.metrics, Metrics(None)
+        t0 = time.perf_counter()
+        try:
+            c, vocab = self.config, self.model_config.vocab_size
+            gen = torch.Generator().manual_seed(0)
+            prompt_len = max(1, min(c.max_num_batched_tokens, c.max_model_len - 2))
+            streams = [self.submit(torch.randint(vocab, (prompt_len,), generator=gen).tolist(),
+                                   SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "warmup-prefill")]
+            streams += [self.submit(torch.randint(vocab, (8,), generator=gen).tolist(),
+                                    SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), f"warmup-decode-{i}")
+                        for i in range(max(0, min(c.max_num_seqs, 8) - 1))]
+            for stream in streams:
+                out = stream.result()
+                if out.error:
+                    raise RuntimeError(out.error)
+            self.warmup_s = time.perf_counter() - t0
+            log.info("warm-up done in %.1f s", self.warmup_s)
+        except Exception as e:  # noqa: BLE001 - an optimisation: serving goes on (a broken group is handled as usual)
+            log.warning("warm-up skipped: %s: %s", type(e).__name__, e)
+        finally:
+            dispatcher = getattr(self.experts, "dispatcher", None)
+            if dispatcher is not None:
+                dispatcher.times.samples.clear()
+                self._bytes_reported = dispatcher.times.bytes_sent
+            self.counters.clear()
+            self.profile = StepProfile(self.device, self.config.profile)
+            self.metrics = metrics
 
     # ---- sizing ----------------------------------------------------------------------------------------
     def _cache_sizes(self, cfg: ModelConfig) -> tuple[int, int]:
