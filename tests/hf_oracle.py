@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model_shards.transformers_compat import fix_partial_rope, load_transformers_model, to_hf_config  # noqa: F401
+from model_shards.transformers_compat import fix_partial_rope, load_transformers_model
 
 
 def load_hf_model(ckpt_dir: str | Path, work_dir: str | Path):

@@ -121,7 +121,8 @@ def test_transformers_flavour_alpha_factors_are_read():
 def test_transformers_library_serialisation_parses(tmp_path):
     """What transformers' own MiniMaxConfig writes (save_pretrained) parses to the same model."""
     import transformers
-    from hf_oracle import to_hf_config
+
+    from model_shards.transformers_compat import to_hf_config
 
     tiny = tiny_config(num_layers=6, full_attention_every=3, rotary_dim=8)
     to_hf_config(tiny.to_dict()).save_pretrained(tmp_path)

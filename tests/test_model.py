@@ -220,8 +220,9 @@ DERIVED = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 def test_make_tiny_loads_in_transformers(tmp_path):
     from transformers import MiniMaxForCausalLM
 
-    from hf_oracle import hf_logits, load_hf_model, to_hf_config
+    from hf_oracle import hf_logits, load_hf_model
     from model_shards.tiny import make_tiny, tiny_config
+    from model_shards.transformers_compat import to_hf_config
 
     cfg = tiny_config(num_layers=4, full_attention_every=2, num_experts=4)
     try:
