@@ -528,11 +528,10 @@ def tune(log) -> dict:
     # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept. Earlier sweeps (chunk 32 /
     # 128, 8 warps, segmenting at 64 heads) are in bench/results/kernels-tune-h100-2026-11-27.json. Each config is
     # checked against the default config's output before it is timed.
-    single = [dict(), dict(num_warps=8), dict(num_stages=2), dict(num_warps=8, num_stages=2),
-              dict(block_v=32, num_stages=3), dict(block_v=32, num_warps=8), dict(block_v=128, segment=4096),
-              dict(block_v=64, segment=8192)]
-    packed = [dict(block_v=bv, num_warps=w, num_stages=st, segment=0) for bv in (64, 128) for w in (4, 8)
-              for st in (2, 3)]
+    single = [dict(), dict(decay_on_v=True), dict(decay_on_v=True, num_warps=8), dict(decay_on_v=True, num_stages=2),
+              dict(decay_on_v=True, block_v=32, num_stages=3), dict(decay_on_v=True, block_v=128, num_warps=8),
+              dict(num_warps=8)]
+    packed = [dict(block_v=64, num_warps=4, num_stages=2, segment=0, decay_on_v=d) for d in (False, True)]
     for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("single 128K", [131072]),
                        ("pack 16x2K", [2048] * 16)]:
         cfgs = packed if len(lens) > 1 else single
@@ -557,19 +556,12 @@ def tune(log) -> dict:
             log(f"  prefill {name}: {t:.3f} ms {cfg}")
         best[f"prefill {name}"] = [(t, cfg) for t, cfg in rows]
         del case
-    # decode
+    # decode: swept before (block_v 16-128 x 1-8 warps: kernels-tune-h100-2026-11-27.json); today's default only
     pool = torch.zeros(DecodeCase.POOL_SLOTS, HEADS, HEAD_DIM, HEAD_DIM, device=DEV)
     for B in (64, 1024):
         case = DecodeCase(B, pool)
-        rows = []
-        for bv in (16, 32, 64, 128):
-            for w in (1, 2, 4, 8):
-                cfg = dict(block_v=bv, num_warps=w)
-                rows.append((bench_ms(case.ours(**cfg)), cfg))
-        rows.sort(key=lambda r: r[0])
-        for t, cfg in rows[:5]:
-            log(f"  decode B={B}: {t:.4f} ms {cfg}")
-        best[f"decode B={B}"] = rows
+        best[f"decode B={B}"] = [(bench_ms(case.ours()), "default")]
+        log(f"  decode B={B}: {best[f'decode B={B}'][0][0]:.4f} ms default")
     del pool, case
     torch.cuda.empty_cache()
     return best
@@ -596,7 +588,26 @@ def expert_tune(weights, log) -> dict:
              dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
              dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    for E, M in ((4, 1), (8, 8), (8, 128), (4, 512), (8, 1024), (8, 8192)):
+    # decode sizes: the two GEMMs apart (tiles and K splits of one with the other at its default)
+    for E, M in ((4, 1), (4, 4), (8, 8)):
+        case = ExpertsCase(E, M, weights)
+        rows = [(bench_ms(case.ours()), "Triton, default config")]
+        base = dict(BM=16, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+        for BN in (32, 64, 128):
+            for sk in (1, 2, 4, 8):
+                for which in ("config", "down_config"):
+                    cfg = dict(base, BN=BN, SPLIT_K=sk)
+                    try:
+                        rows.append((bench_ms(case.ours(**{which: cfg})), f"{which}={cfg}"))
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  experts E={E} M={M} {which}={cfg}: {type(exc).__name__}")
+        if hasattr(torch, "_grouped_mm"):
+            rows.append((bench_ms(case.grouped_mm()), "torch._grouped_mm pipeline (contender)"))
+        rows.sort(key=lambda r: r[0])
+        for t, cfg in rows[:6] + [r for r in rows[6:] if "default" in r[1] or "contender" in r[1]]:
+            log(f"  experts E={E} M={M}: {t:.4f} ms {cfg}")
+        best[f"experts E={E} M={M}"] = rows
+    for E, M in ((8, 128), (4, 512), (8, 8192)):
         case = ExpertsCase(E, M, weights)
         rows = []
         for cfg in ecfgs:
