@@ -44,7 +44,7 @@ def _k_range(K, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     if SPLIT_K == 1:
         return 0, K
     per = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
-    start = tl.program_id(1) * per
+    start = tl.multiple_of(tl.program_id(1) * per, BK)  # keeps the weight loads vectorised
     return start, tl.minimum(start + per, K)
 
 

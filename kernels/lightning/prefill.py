@@ -6,8 +6,8 @@ and the state pool is touched once per sequence (read at the start, written at t
 (e.g. one sequence at 8 heads) long sequences are cut into segments first (see lightning_prefill_varlen). Per chunk,
 rows i / cols j
 0-based inside the chunk, m = tokens in the chunk:
-    o = ((Q K^T) * D) V + (Q * lambda^(i+1)) S          D_ij = lambda^(i-j) for i >= j, else 0
-    S = lambda^m S + (K * lambda^(m-1-j))^T V
+    o = ((Q K^T) * D) V + lambda^(i+1) * (Q S)          D_ij = lambda^(i-j) for i >= j, else 0
+    S = lambda^m S + K^T (V * lambda^(m-1-j))
 Every decay is exp(-s * n) with n >= 0, so nothing overflows whatever the slope or chunk size.
 The dots take bf16 operands with fp32 accumulation; S itself is never rounded (only its bf16 copy feeding q @ S).
 DT is the dot operand dtype: q's dtype on GPU, fp32 under TRITON_INTERPRET=1 (the interpreter cannot multiply bf16).
@@ -28,7 +28,7 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_ps, stride_ph,
                     D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
-                    STORE_STATE: tl.constexpr, DECAY_ON_V: tl.constexpr = False):
+                    STORE_STATE: tl.constexpr):
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     i_n = tl.program_id(2)
@@ -65,17 +65,13 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
         m = tl.minimum(n - c0, C)
         # rows past the end were loaded as 0; clamping keeps their (unused) exponent non-negative
         k_decay = tl.exp(-s * tl.maximum(m - 1 - rc, 0).to(tl.float32))
-        # The dots that do not need S are issued first and S's own update is a plain add at the end: 17-20% faster
-        # on H100 than accumulating k^T v into the decayed S (bench/results: kernels tune logs).
-        if DECAY_ON_V:
-            kv = tl.dot(tl.trans(kc), (vc * k_decay[:, None]).to(DT))
-            scores = tl.dot(qc, tl.trans(kc)) * intra_decay
-            oc = tl.dot(qc, S.to(DT)) * q_decay[:, None]
-        else:
-            kd = (kc * k_decay[:, None]).to(DT)
-            kv = tl.dot(tl.trans(kd), vc)
-            scores = tl.dot(qc, tl.trans(kc)) * intra_decay
-            oc = tl.dot((qc * q_decay[:, None]).to(DT), S.to(DT))
+        # The dots that do not need S are issued first and S's own update is a plain add at the end (17-20% faster
+        # on H100 than accumulating k^T v into the decayed S). The decays go where they cost least: the k-side one on
+        # the [C, BV] v tile instead of the [C, D] k tile, the q-side one on the fp32 [C, BV] product as a row scale
+        # (not on a bf16 copy of q): 21-27% faster on H200 (bench/results/kernels-tune-h200-*.json).
+        kv = tl.dot(tl.trans(kc), (vc * k_decay[:, None]).to(DT))
+        scores = tl.dot(qc, tl.trans(kc)) * intra_decay
+        oc = tl.dot(qc, S.to(DT)) * q_decay[:, None]
         oc = tl.dot(scores.to(DT), vc, oc)
         S = S * tl.exp(-s * m.to(tl.float32)) + kv
         tl.store(o_base + rows[:, None] * stride_ot + rv[None, :], oc.to(o.dtype.element_ty), mask=row_ok)
@@ -109,7 +105,7 @@ def _segment_state_kernel(k, v, slopes, ws, seg_start, seg_len,
         m = tl.minimum(n - c0, C)
         k_decay = tl.exp(-s * tl.maximum(m - 1 - rc, 0).to(tl.float32))
         U = U * tl.exp(-s * m.to(tl.float32))
-        U = tl.dot(tl.trans((kc * k_decay[:, None]).to(DT)), vc, U)
+        U = tl.dot(tl.trans(kc), (vc * k_decay[:, None]).to(DT), U)
     tl.store(ws + tl.cast(i_w, tl.int64) * stride_ws + i_h * stride_wh + rk[:, None] * D + rv[None, :], U)
 
 
@@ -144,7 +140,7 @@ def default_prefill_config(head_dim: int) -> dict:
     # GPU; 0: never; L > 0: always, into segments of L tokens (a multiple of the chunk).
     # num_stages=None: 2 when the programs fill the GPU several times over (packed batches), else 3.
     # Picked from --tune sweeps on H100 (bench/results/kernels-tune-h100-2026-11-27.json).
-    return dict(chunk=64, block_v=min(head_dim, 64), num_warps=4, num_stages=None, segment=None, decay_on_v=False)
+    return dict(chunk=64, block_v=min(head_dim, 64), num_warps=4, num_stages=None, segment=None)
 
 
 def _segment_length(seq_lens, H, NV, C, sms) -> int:
@@ -192,7 +188,6 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
     slot_ids = torch.as_tensor(slot_ids, device=q.device).to(torch.int32)
     DT = dot_dtype(q.dtype)
     launch = dict(num_warps=cfg["num_warps"], num_stages=stages)
-    main = dict(launch, DECAY_ON_V=cfg["decay_on_v"])
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
                out.stride(1))
     starts, acc = [], 0
@@ -207,7 +202,7 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
         meta = meta.to(q.device, non_blocking=True)
         _prefill_kernel[(NV, H, N)](
             q, k, v, out, slopes, state_pool, meta[0], meta[1], slot_ids[meta[2].long()], *strides,
-            state_pool.stride(0), state_pool.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=True, **main)
+            state_pool.stride(0), state_pool.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=True, **launch)
         return out
 
     seg_start, seg_len, first, count = [], [], [], []
@@ -229,5 +224,5 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
         ws.stride(0), ws.stride(1), D=D, BV=BV, num_warps=4)
     _prefill_kernel[(NV, H, W)](
         q, k, v, out, slopes, ws, segs[0], segs[1], segs[2], *strides,
-        ws.stride(0), ws.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=False, **main)
+        ws.stride(0), ws.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=False, **launch)
     return out
