@@ -49,10 +49,19 @@ def _k_range(K, BK: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _k_offset(i, n_k, rot, k_start, BK: tl.constexpr):
+    """Offset of this program's i-th K tile. Programs start at different tiles (rot) so that at any moment they read
+    different columns of the weight rows: all of them streaming the same column band at once concentrates the
+    traffic on a few memory channels (seen as slow, erratic one-token steps on H200)."""
+    return tl.multiple_of(k_start + ((i + rot) % n_k) * BK, BK)
+
+
+@triton.jit
 def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
                     stride_xm, stride_we, stride_wn, stride_hm, stride_ps, stride_pm,
                     INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    ROTATE_K: tl.constexpr = True):
     pid_m, pid_n = _tile_coords(num_m_tiles, F, BN, GROUP_M)
     k_start, k_end = _k_range(K, BK, SPLIT_K)
     e = tl.load(tiles + pid_m).to(tl.int64)
@@ -63,27 +72,27 @@ def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
     rk = tl.arange(0, BK)
     m_ok = rm < row1
     n_ok = rn < F
-    x_ptrs = x + rm[:, None].to(tl.int64) * stride_xm + (k_start + rk)[None, :]
-    g_ptrs = w13 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + (k_start + rk)[:, None]  # view of w1^T
+    x_ptrs = x + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    g_ptrs = w13 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of w1^T
     u_ptrs = g_ptrs + F * stride_wn
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BK):
+    n_k = tl.cdiv(k_end - k_start, BK)
+    rot = pid_n % tl.maximum(n_k, 1) if ROTATE_K else 0
+    for i in range(0, n_k):
+        k0 = _k_offset(i, n_k, rot, k_start, BK)
         if EVEN_K:
-            a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0)
+            a = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            bg = tl.load(g_ptrs + k0, mask=n_ok[None, :], other=0)
+            bu = tl.load(u_ptrs + k0, mask=n_ok[None, :], other=0)
         else:
             k_ok = rk < K - k0
-            a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
+            a = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs + k0, mask=n_ok[None, :] & k_ok[:, None], other=0)
+            bu = tl.load(u_ptrs + k0, mask=n_ok[None, :] & k_ok[:, None], other=0)
         a = a.to(DT)
         acc_g = tl.dot(a, bg.to(DT), acc_g)
         acc_u = tl.dot(a, bu.to(DT), acc_u)
-        x_ptrs += BK
-        g_ptrs += BK
-        u_ptrs += BK
     if INT8:
         sc = scale13 + e * 2 * F + rn
         acc_g *= tl.load(sc, mask=n_ok, other=0.0)[None, :]
@@ -102,7 +111,8 @@ def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
 def _down_kernel(h, w2, scale2, weights, y, part, tiles, num_m_tiles, N, K,
                  stride_hm, stride_we, stride_wn, stride_ym, stride_ps, stride_pm,
                  INT8: tl.constexpr, HAS_WEIGHTS: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 ROTATE_K: tl.constexpr = True):
     pid_m, pid_n = _tile_coords(num_m_tiles, N, BN, GROUP_M)
     k_start, k_end = _k_range(K, BK, SPLIT_K)
     e = tl.load(tiles + pid_m).to(tl.int64)
@@ -113,20 +123,21 @@ def _down_kernel(h, w2, scale2, weights, y, part, tiles, num_m_tiles, N, K,
     rk = tl.arange(0, BK)
     m_ok = rm < row1
     n_ok = rn < N
-    a_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + (k_start + rk)[None, :]
-    b_ptrs = w2 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + (k_start + rk)[:, None]  # view of w2^T
+    a_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + rk[None, :]
+    b_ptrs = w2 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of w2^T
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BK):
+    n_k = tl.cdiv(k_end - k_start, BK)
+    rot = pid_n % tl.maximum(n_k, 1) if ROTATE_K else 0
+    for i in range(0, n_k):
+        k0 = _k_offset(i, n_k, rot, k_start, BK)
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
+            a = tl.load(a_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=n_ok[None, :], other=0)
         else:
             k_ok = rk < K - k0
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0)
+            a = tl.load(a_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=n_ok[None, :] & k_ok[:, None], other=0)
         acc = tl.dot(a.to(DT), b.to(DT), acc)
-        a_ptrs += BK
-        b_ptrs += BK
     if INT8:
         acc *= tl.load(scale2 + e * N + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_WEIGHTS:
@@ -222,7 +233,8 @@ def _launch(kernel, programs: int, cfg: dict, K: int, pointers: tuple, scalars: 
         *pointers, part if part is not None else pointers[0], *scalars,
         part.stride(0) if part is not None else 0, part.stride(1) if part is not None else 0,
         EVEN_K=K % cfg["BK"] == 0, SPLIT_K=splits, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+        GROUP_M=cfg["GROUP_M"], ROTATE_K=cfg.get("ROTATE_K", True), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **meta)
     return part
 
 
