@@ -588,19 +588,18 @@ def expert_tune(weights, log) -> dict:
              dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
              dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    # decode sizes: the two GEMMs apart (tiles and K splits of one with the other at its default)
+    # decode sizes: tiles of both GEMMs (config=) or of the down GEMM alone (down_config=)
     for E, M in ((4, 1), (4, 4), (8, 8)):
         case = ExpertsCase(E, M, weights)
         rows = [(bench_ms(case.ours()), "Triton, default config")]
-        base = dict(BM=16, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
-        for BN in (32, 64, 128):
-            for sk in (1, 2, 4, 8):
-                for which in ("config", "down_config"):
-                    cfg = dict(base, BN=BN, SPLIT_K=sk)
-                    try:
-                        rows.append((bench_ms(case.ours(**{which: cfg})), f"{which}={cfg}"))
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"  experts E={E} M={M} {which}={cfg}: {type(exc).__name__}")
+        base = dict(BM=16, GROUP_M=1, num_warps=4, num_stages=4)
+        for BN, BK in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256)):
+            for which in ("config", "down_config"):
+                cfg = dict(base, BN=BN, BK=BK)
+                try:
+                    rows.append((bench_ms(case.ours(**{which: cfg})), f"{which}={cfg}"))
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  experts E={E} M={M} {which}={cfg}: {type(exc).__name__}")
         if hasattr(torch, "_grouped_mm"):
             rows.append((bench_ms(case.grouped_mm()), "torch._grouped_mm pipeline (contender)"))
         rows.sort(key=lambda r: r[0])

@@ -5,9 +5,6 @@ Two launches over the rows of x, which come sorted by expert:
   1. gate/up: h = silu(x w1^T) * (x w3^T) with w1, w3 the two halves of w13 [E, 2F, H]: each program computes one
      [BM, BN] tile of both products (two accumulators) and writes only h (bf16), so silu*mul costs no extra pass;
   2. down:    y = (h w2^T) * weights, w2 [E, H, F].
-With very few rows (a decode step of one or a few tokens) the [rows, columns] tiles are too few to keep every SM
-streaming weights, so either GEMM can split its K dimension (SPLIT_K programs per tile writing fp32 partials, then
-one small pass that sums them, applying silu*mul for the gate/up GEMM).
 The row tiles never straddle two experts: the host (which already holds group_sizes as a list) builds the tile ->
 (expert, first row, end row) table, so nothing is read back from the GPU. Programs are ordered in groups of GROUP_M
 row tiles so that a weight tile is reused from L2 by the row tiles that need it.
@@ -23,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import dot_dtype, sm_count
+from ..triton_utils import dot_dtype
 
 
 @triton.jit
@@ -39,31 +36,20 @@ def _tile_coords(num_m_tiles, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _k_range(K, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """[start, end) of the K dimension for this program (program_id(1) = its split; whole BK tiles per split)."""
-    if SPLIT_K == 1:
-        return 0, K
-    per = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
-    start = tl.multiple_of(tl.program_id(1) * per, BK)  # keeps the weight loads vectorised
-    return start, tl.minimum(start + per, K)
+def _k_offset(i, n_k, rot, BK: tl.constexpr):
+    """Offset of a program's i-th K tile: each program starts at its own tile (rot) so that at any moment the
+    programs read different columns of the weight rows. All of them streaming the same column band at once
+    concentrates the traffic on a few memory channels: one-token steps (one expert, ~150 programs) were slower and
+    erratic on H200 without this (bench/results/kernels.md)."""
+    return tl.multiple_of(((i + rot) % n_k) * BK, BK)
 
 
 @triton.jit
-def _k_offset(i, n_k, rot, k_start, BK: tl.constexpr):
-    """Offset of this program's i-th K tile. Programs start at different tiles (rot) so that at any moment they read
-    different columns of the weight rows: all of them streaming the same column band at once concentrates the
-    traffic on a few memory channels (seen as slow, erratic one-token steps on H200)."""
-    return tl.multiple_of(k_start + ((i + rot) % n_k) * BK, BK)
-
-
-@triton.jit
-def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
-                    stride_xm, stride_we, stride_wn, stride_hm, stride_ps, stride_pm,
-                    INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    ROTATE_K: tl.constexpr = True):
+def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
+                    stride_xm, stride_we, stride_wn, stride_hm,
+                    INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(num_m_tiles, F, BN, GROUP_M)
-    k_start, k_end = _k_range(K, BK, SPLIT_K)
     e = tl.load(tiles + pid_m).to(tl.int64)
     row0 = tl.load(tiles + num_m_tiles + pid_m)
     row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
@@ -77,10 +63,9 @@ def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
     u_ptrs = g_ptrs + F * stride_wn
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    n_k = tl.cdiv(k_end - k_start, BK)
-    rot = pid_n % tl.maximum(n_k, 1) if ROTATE_K else 0
+    n_k = tl.cdiv(K, BK)
     for i in range(0, n_k):
-        k0 = _k_offset(i, n_k, rot, k_start, BK)
+        k0 = _k_offset(i, n_k, pid_n % n_k, BK)
         if EVEN_K:
             a = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
             bg = tl.load(g_ptrs + k0, mask=n_ok[None, :], other=0)
@@ -97,24 +82,17 @@ def _gate_up_kernel(x, w13, scale13, h, part, tiles, num_m_tiles, F, K,
         sc = scale13 + e * 2 * F + rn
         acc_g *= tl.load(sc, mask=n_ok, other=0.0)[None, :]
         acc_u *= tl.load(sc + F, mask=n_ok, other=0.0)[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        out = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(h + rm[:, None].to(tl.int64) * stride_hm + rn[None, :], out.to(h.dtype.element_ty), mask=ok)
-    else:  # fp32 partials [split, row, gate | up]: silu*mul waits for their sum
-        p_ptrs = part + tl.program_id(1) * stride_ps + rm[:, None].to(tl.int64) * stride_pm + rn[None, :]
-        tl.store(p_ptrs, acc_g, mask=ok)
-        tl.store(p_ptrs + F, acc_u, mask=ok)
+    out = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + rn[None, :]
+    tl.store(h_ptrs, out.to(h.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(h, w2, scale2, weights, y, part, tiles, num_m_tiles, N, K,
-                 stride_hm, stride_we, stride_wn, stride_ym, stride_ps, stride_pm,
+def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
+                 stride_hm, stride_we, stride_wn, stride_ym,
                  INT8: tl.constexpr, HAS_WEIGHTS: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                 ROTATE_K: tl.constexpr = True):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(num_m_tiles, N, BN, GROUP_M)
-    k_start, k_end = _k_range(K, BK, SPLIT_K)
     e = tl.load(tiles + pid_m).to(tl.int64)
     row0 = tl.load(tiles + num_m_tiles + pid_m)
     row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
@@ -126,10 +104,9 @@ def _down_kernel(h, w2, scale2, weights, y, part, tiles, num_m_tiles, N, K,
     a_ptrs = h + rm[:, None].to(tl.int64) * stride_hm + rk[None, :]
     b_ptrs = w2 + e * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of w2^T
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    n_k = tl.cdiv(k_end - k_start, BK)
-    rot = pid_n % tl.maximum(n_k, 1) if ROTATE_K else 0
+    n_k = tl.cdiv(K, BK)
     for i in range(0, n_k):
-        k0 = _k_offset(i, n_k, rot, k_start, BK)
+        k0 = _k_offset(i, n_k, pid_n % n_k, BK)
         if EVEN_K:
             a = tl.load(a_ptrs + k0, mask=m_ok[:, None], other=0.0)
             b = tl.load(b_ptrs + k0, mask=n_ok[None, :], other=0)
@@ -142,43 +119,21 @@ def _down_kernel(h, w2, scale2, weights, y, part, tiles, num_m_tiles, N, K,
         acc *= tl.load(scale2 + e * N + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_WEIGHTS:
         acc *= tl.load(weights + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y.dtype.element_ty), mask=ok)
-    else:
-        tl.store(part + tl.program_id(1) * stride_ps + rm[:, None].to(tl.int64) * stride_pm + rn[None, :], acc,
-                 mask=ok)
+    y_ptrs = y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _sum_rows_kernel(src, weights, dst, F, stride_split, stride_src, stride_dst,
-                     SPLITS: tl.constexpr, SWIGLU: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[row, :F] = sum over SPLITS of src[split, row, :F], or with SWIGLU silu(sum of the first F columns) *
-    (sum of the next F); times weights[row] if given."""
+def _silu_mul_kernel(h13, weights, h, F, stride_13, stride_h, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < F
-    ptrs = src + row * stride_src + cols
-    out = tl.zeros([BLOCK], dtype=tl.float32)
-    up = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(SPLITS):
-        out += tl.load(ptrs + i * stride_split, mask=ok, other=0.0).to(tl.float32)
-        if SWIGLU:
-            up += tl.load(ptrs + i * stride_split + F, mask=ok, other=0.0).to(tl.float32)
-    if SWIGLU:
-        out = out * tl.sigmoid(out) * up
+    g = tl.load(h13 + row * stride_13 + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(h13 + row * stride_13 + F + cols, mask=ok, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
     if HAS_WEIGHTS:
         out *= tl.load(weights + row).to(tl.float32)
-    tl.store(dst + row * stride_dst + cols, out.to(dst.dtype.element_ty), mask=ok)
-
-
-def _sum_rows(src, dst, weights=None, swiglu=False):
-    """src [splits, rows, F or 2F] -> dst [rows, F] (see _sum_rows_kernel)."""
-    rows, F = dst.shape
-    BLOCK = 1024
-    _sum_rows_kernel[(rows, triton.cdiv(F, BLOCK))](
-        src, weights if weights is not None else src, dst, F, src.stride(0), src.stride(1), dst.stride(0),
-        SPLITS=src.shape[0], SWIGLU=swiglu, HAS_WEIGHTS=weights is not None, BLOCK=BLOCK)
+    tl.store(h + row * stride_h + cols, out.to(h.dtype.element_ty), mask=ok)
 
 
 def default_config(rows_per_expert: float) -> dict:
@@ -212,37 +167,10 @@ def _fit(cfg: dict, K: int) -> dict:
     return cfg
 
 
-def split_k(programs: int, k_tiles: int, sms: int) -> int:
-    """K splits for a GEMM of `programs` output tiles: 1 when the tiles alone fill the GPU; otherwise enough splits
-    for about MIN_WAVES programs per SM (decode steps of a few tokens: a handful of [16, BN] tiles per expert)."""
-    if programs >= MIN_WAVES * sms:
-        return 1
-    return max(1, min(k_tiles, -(-MIN_WAVES * sms // programs), MAX_SPLIT_K))
-
-
-MIN_WAVES = 4
-MAX_SPLIT_K = 8
-
-
-def _launch(kernel, programs: int, cfg: dict, K: int, pointers: tuple, scalars: tuple, out_shape, device, **meta):
-    """Runs one of the two GEMMs over `programs` output tiles with cfg's tiles and SPLIT_K (cfg's, else split_k's).
-    Returns the fp32 partials [splits, *out_shape] still to be summed, or None when the kernel wrote its output."""
-    splits = cfg.get("SPLIT_K") or split_k(programs, triton.cdiv(K, cfg["BK"]), sm_count(device))
-    part = torch.empty(splits, *out_shape, device=device, dtype=torch.float32) if splits > 1 else None
-    kernel[(programs, splits)](
-        *pointers, part if part is not None else pointers[0], *scalars,
-        part.stride(0) if part is not None else 0, part.stride(1) if part is not None else 0,
-        EVEN_K=K % cfg["BK"] == 0, SPLIT_K=splits, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        GROUP_M=cfg["GROUP_M"], ROTATE_K=cfg.get("ROTATE_K", True), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **meta)
-    return part
-
-
 def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None,
                           config: dict | None = None, down_config: dict | None = None, out=None):
     """x [N, H] (bf16/fp16) sorted by expert; w13 [E, 2F, H], w2 [E, H, F] in x's dtype, or int8 with
-    w13_scale [E, 2F] / w2_scale [E, H] (per output channel). Returns [N, H] in x's dtype.
-    config / down_config: tile shapes of the two GEMMs (default_config's by default; SPLIT_K: see split_k)."""
+    w13_scale [E, 2F] / w2_scale [E, H] (per output channel). Returns [N, H] in x's dtype."""
     N, Hd = x.shape
     E, F2, _ = w13.shape
     F = F2 // 2
@@ -266,21 +194,23 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
 
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
     tiles, n_tiles = _tile_table(group_sizes, cfg1["BM"], x.device)
-    part = _launch(_gate_up_kernel, n_tiles * triton.cdiv(F, cfg1["BN"]), cfg1, Hd,
-                   (x, w13, w13_scale if int8 else x, h),
-                   (tiles, n_tiles, F, Hd, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0)),
-                   (N, 2 * F), x.device, INT8=int8, DT=DT)
-    if part is not None:
-        _sum_rows(part, h, swiglu=True)
+    grid = (n_tiles * triton.cdiv(F, cfg1["BN"]),)
+    _gate_up_kernel[grid](
+        x, w13, w13_scale if int8 else x, h, tiles, n_tiles, F, Hd,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        INT8=int8, DT=DT, EVEN_K=Hd % cfg1["BK"] == 0,
+        BM=cfg1["BM"], BN=cfg1["BN"], BK=cfg1["BK"], GROUP_M=cfg1["GROUP_M"],
+        num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"])
 
     if cfg2["BM"] != cfg1["BM"]:
         tiles, n_tiles = _tile_table(group_sizes, cfg2["BM"], x.device)
-    part = _launch(_down_kernel, n_tiles * triton.cdiv(Hd, cfg2["BN"]), cfg2, F,
-                   (h, w2, w2_scale if int8 else h, weights if weights is not None else h, y),
-                   (tiles, n_tiles, Hd, F, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0)),
-                   (N, Hd), x.device, INT8=int8, HAS_WEIGHTS=weights is not None, DT=DT)
-    if part is not None:
-        _sum_rows(part, y)
+    grid = (n_tiles * triton.cdiv(Hd, cfg2["BN"]),)
+    _down_kernel[grid](
+        h, w2, w2_scale if int8 else h, weights if weights is not None else h, y, tiles, n_tiles, Hd, F,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        INT8=int8, HAS_WEIGHTS=weights is not None, DT=DT, EVEN_K=F % cfg2["BK"] == 0,
+        BM=cfg2["BM"], BN=cfg2["BN"], BK=cfg2["BK"], GROUP_M=cfg2["GROUP_M"],
+        num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"])
     return y
 
 
@@ -298,6 +228,9 @@ def grouped_swiglu_grouped_mm(x, group_sizes: list[int], w13, w2, weights=None, 
     offs = torch.tensor(ends, dtype=torch.int32).to(x.device, non_blocking=True)
     h13 = torch._grouped_mm(x.contiguous(), w13.transpose(1, 2), offs=offs)
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
-    _sum_rows(h13[None], h, weights.contiguous() if weights is not None else None, swiglu=True)
+    BLOCK = 1024
+    _silu_mul_kernel[(N, triton.cdiv(F, BLOCK))](
+        h13, weights.contiguous() if weights is not None else h13, h, F, h13.stride(0), h.stride(0),
+        HAS_WEIGHTS=weights is not None, BLOCK=BLOCK)
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
     return y if out is None else out.copy_(y)
