@@ -660,9 +660,12 @@ def phase_serve(args) -> dict:
         name = Path(args.model).name
         # warm-up at the measured shapes: Triton compiles each kernel config (prefill chunk, expert tile bucket) on
         # its first use, which would otherwise land in the measured TTFT
-        w = asyncio.run(_workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4,
-                                  cfg.vocab_size, 1))
-        result["warmup"] = {k: w[k] for k in ("ok", "errors", "wall_s")}
+        # (--no-client-warmup: only the server's own start-up warm-up, `m1serve serve --warmup`, which is what users get)
+        if args.client_warmup:
+            w = asyncio.run(_workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4,
+                                      cfg.vocab_size, 1))
+            result["warmup"] = {k: w[k] for k in ("ok", "errors", "wall_s")}
+        result["client_warmup"] = args.client_warmup
         save(args, "serve", result)
         main = asyncio.run(_workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens,
                                      cfg.vocab_size, 2))
@@ -941,6 +944,8 @@ def build_parser():
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
     p.add_argument("--serve-start-timeout", type=float, default=150)
+    p.add_argument("--no-client-warmup", dest="client_warmup", action="store_false",
+                   help="serve phase: measure right after the server reports ready (its own warm-up only)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--metrics-port", type=int, default=8080)
