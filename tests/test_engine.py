@@ -41,12 +41,27 @@ def test_mixed_batch_arriving_at_different_times_matches_single_process_model(en
     assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
 
 
-def test_warmup_leaves_no_trace(tiny_model, reference_parts):
+def test_warmup_leaves_no_trace(tiny_model, reference_parts, monkeypatch):
     """The warm-up's throwaway requests run to the end, free everything, reset the counters, and a request after it
-    gives the single-process model's tokens (no state left in the reused slots)."""
+    gives the single-process model's tokens (no state left in the reused slots). Its steps cover the shapes serving
+    needs kernels for: halving prefill sizes, a full step, a mixed prefill + decode step, batched decodes."""
+    from cluster.engine.scheduler import Scheduler
+
+    steps, schedule = [], Scheduler.schedule
+
+    def spy(self):
+        plan, admitted = schedule(self)
+        if plan:
+            steps.append((sum(len(c.chunk.token_ids) for c in plan), len(plan)))
+        return plan, admitted
+
+    monkeypatch.setattr(Scheduler, "schedule", spy)
     with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_num_batched_tokens=96, max_model_len=1024,
                              warmup=True)) as e:
         assert e.warmup_s is not None and e.warmup_s > 0
+        warm = list(steps)
+        assert [n for n, _ in warm[:6]] == [48, 1, 24, 1, 12, 1]  # each halving prompt, then its one decode
+        assert warm[6:] == [(96, 1), (1 + 3 * 8, 4), (3, 3)]  # full step; its decode + 3 new prompts; 3 decodes
         s = e.stats()
         assert s["running"] == s["waiting"] == s["slots_used"] == s["kv_blocks_used"] == 0
         assert not e.counters and e.profile.steps == 0
@@ -54,6 +69,15 @@ def test_warmup_leaves_no_trace(tiny_model, reference_parts):
         assert e.generate(prompt, GREEDY).token_ids == greedy_reference(*reference_parts, prompt, GREEDY.max_tokens)
     with Engine(EngineConfig(model=str(tiny_model))) as e:  # on CPU it is off unless asked for
         assert e.warmup_s is None
+
+
+def test_slow_steps_are_logged(engine, monkeypatch, caplog):
+    import cluster.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SLOW_STEP_S", 0.0)
+    with caplog.at_level("WARNING", logger="m1serve.engine"):
+        engine.generate(random_ids(5, 512, 9), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert any("a step of 5 tokens (1 sequences) took" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_continuous_batching_steps_are_shared(tiny_model):

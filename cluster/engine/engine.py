@@ -33,6 +33,7 @@ from .sequence import RequestOutput, Sequence, Sink, Status
 
 log = logging.getLogger("m1serve.engine")
 
+SLOW_STEP_S = 1.0  # a step slower than this is logged (a Triton compile for a shape the warm-up missed, a slow shard)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -169,25 +170,34 @@ class Engine:
                 self.warmup()
 
     def warmup(self) -> None:
-        """Runs throwaway requests through the whole path before the engine serves: a prompt of a full step's tokens
-        and a batch of short decodes. On GPU each Triton kernel config a real step needs (prefill chunk, expert tile
-        sizes, batched decode) compiles here instead of inside the first users' time to first token. Leaves no
-        trace: metrics are off meanwhile and the counters start from zero afterwards. A failure only skips it."""
+        """Runs throwaway requests through the whole path before the engine serves: prompts of half a full step's
+        tokens, a quarter, ... down to 16 (one step each: the expert kernels pick their tiles by rows per expert),
+        then a full-step prompt with a batch of short ones joining its decode (mixed and batched decode steps).
+        On GPU each Triton kernel config a real step needs compiles here instead of inside the first users' time to
+        first token. Leaves no trace: metrics are off meanwhile and the counters start from zero afterwards. A
+        failure only skips it."""
         metrics, self.metrics = self.metrics, Metrics(None)
         t0 = time.perf_counter()
         try:
             c, vocab = self.config, self.model_config.vocab_size
             gen = torch.Generator().manual_seed(0)
-            prompt_len = max(1, min(c.max_num_batched_tokens, c.max_model_len - 2))
-            streams = [self.submit(torch.randint(vocab, (prompt_len,), generator=gen).tolist(),
-                                   SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "warmup-prefill")]
-            streams += [self.submit(torch.randint(vocab, (8,), generator=gen).tolist(),
-                                    SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), f"warmup-decode-{i}")
-                        for i in range(max(0, min(c.max_num_seqs, 8) - 1))]
-            for stream in streams:
-                out = stream.result()
-                if out.error:
-                    raise RuntimeError(out.error)
+            params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+            def run(*prompt_lens: int) -> None:
+                streams = [self.submit(torch.randint(vocab, (n,), generator=gen).tolist(), params, f"warmup-{i}-{n}")
+                           for i, n in enumerate(prompt_lens)]
+                for stream in streams:
+                    out = stream.result()
+                    if out.error:
+                        raise RuntimeError(out.error)
+
+            full = n = max(1, min(c.max_num_batched_tokens, c.max_model_len - 2))
+            while n > 16:
+                n //= 2
+                run(n)
+            # the full prompt takes the first step alone; the short ones join its decode (a mixed step), then all
+            # decode together
+            run(full, *[8] * max(0, min(c.max_num_seqs, 8) - 1))
             self.warmup_s = time.perf_counter() - t0
             log.info("warm-up done in %.1f s", self.warmup_s)
         except Exception as e:  # noqa: BLE001 - an optimisation: serving goes on (a broken group is handled as usual)
@@ -404,7 +414,11 @@ class Engine:
         self.profile.tokens += int(batch.input_ids.shape[0])
         if sampling:
             with self.profile("sampling"):
-                self._sample(sampling, logits)
+                self._sample(sampling, logits)  # reads the tokens back: the step's GPU work is done after this
+        seconds = time.monotonic() - now
+        if seconds > SLOW_STEP_S:
+            log.warning("a step of %d tokens (%d sequences) took %.1f s: a kernel compiling for a new shape, or a slow "
+                        "shard", batch.input_ids.shape[0], len(plan), seconds)
         if self.metrics.enabled:
             self._record_step()
 

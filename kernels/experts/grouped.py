@@ -44,7 +44,8 @@ def _k_offset(i, n_k, rot, BK: tl.constexpr):
     return tl.multiple_of(((i + rot) % n_k) * BK, BK)
 
 
-@triton.jit
+# num_m_tiles changes from step to step: unspecialised, so a new value (1, a multiple of 16) never recompiles mid-serving
+@triton.jit(do_not_specialize=["num_m_tiles"])
 def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
                     stride_xm, stride_we, stride_wn, stride_hm,
                     INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -87,7 +88,7 @@ def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
     tl.store(h_ptrs, out.to(h.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_tiles"])
 def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
                  stride_hm, stride_we, stride_wn, stride_ym,
                  INT8: tl.constexpr, HAS_WEIGHTS: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
