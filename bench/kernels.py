@@ -528,10 +528,9 @@ def tune(log) -> dict:
     # chunk 128 with block_v 128 and 3 stages runs out of shared memory: neither is swept. Earlier sweeps (chunk 32 /
     # 128, 8 warps, segmenting at 64 heads) are in bench/results/kernels-tune-h100-2026-11-27.json. Each config is
     # checked against the default config's output before it is timed.
-    single = [dict(), dict(decay_on_v=True), dict(decay_on_v=True, num_warps=8), dict(decay_on_v=True, num_stages=2),
-              dict(decay_on_v=True, block_v=32, num_stages=3), dict(decay_on_v=True, block_v=128, num_warps=8),
-              dict(num_warps=8)]
-    packed = [dict(block_v=64, num_warps=4, num_stages=2, segment=0, decay_on_v=d) for d in (False, True)]
+    single = [dict(), dict(num_warps=8), dict(num_stages=2), dict(block_v=32, num_stages=3),
+              dict(block_v=128, num_warps=8), dict(block_v=64, segment=8192)]
+    packed = [dict(block_v=64, num_warps=4, num_stages=st, segment=0) for st in (2, 3)]
     for name, lens in [("single 8K", [8192]), ("single 32K", [32768]), ("single 128K", [131072]),
                        ("pack 16x2K", [2048] * 16)]:
         cfgs = packed if len(lens) > 1 else single

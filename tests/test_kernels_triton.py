@@ -122,6 +122,13 @@ def _run_checks() -> dict:
     res["decode_pad_zero"] = bool((out[1] == 0).all())
     res["decode_other_slots_untouched"] = bool(torch.equal(pool[[1, 3, 4, 6]], pool0[[1, 3, 4, 6]]))
 
+    try:  # a misspelt tuning key is an error, not a silently ignored option
+        x = act(4, H, D)
+        lightning_prefill_varlen(x, x, x, slopes, torch.zeros(1, H, D, D), [4], torch.tensor([0]), block_vv=16)
+        res["prefill_rejects_unknown_config"] = False
+    except TypeError as e:
+        res["prefill_rejects_unknown_config"] = "block_vv" in str(e)
+
     # 4. grouped SwiGLU experts: an empty group, a group smaller than a tile, tiles across expert boundaries,
     #    K not a multiple of the K tile (H=48), F not a multiple of the N tile (F=40), with and without weights
     #    and many K tiles per program (each program starts its K walk at its own tile; F=40: the last one partial)
@@ -182,6 +189,10 @@ def test_prefill_varlen(results):
     assert results["prefill_state_err"] < TOL
     assert results["prefill_other_slots_untouched"]
     assert results["prefill_vs_blockwise_ref"] < TOL
+
+
+def test_prefill_rejects_unknown_config(results):
+    assert results["prefill_rejects_unknown_config"]
 
 
 def test_prefill_continuation_and_decode_handoff(results):

@@ -167,6 +167,9 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
     reads k/v twice but keeps every SM busy."""
     T, H, D = q.shape
     cfg = default_prefill_config(D)
+    unknown = set(config) - set(cfg)
+    if unknown:
+        raise TypeError(f"unknown prefill config keys: {sorted(unknown)}")
     cfg.update(config)
     out = torch.empty_like(q) if out is None else out
     N = len(seq_lens)
