@@ -660,7 +660,7 @@ def phase_serve(args) -> dict:
         name = Path(args.model).name
         # warm-up at the measured shapes: Triton compiles each kernel config (prefill chunk, expert tile bucket) on
         # its first use, which would otherwise land in the measured TTFT
-        # (--no-client-warmup: only the server's own start-up warm-up, `m1serve serve --warmup`, which is what users get)
+        # (--no-client-warmup: only the server's own start-up warm-up, `m1serve serve --warmup`: what users get)
         if args.client_warmup:
             w = asyncio.run(_workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4,
                                       cfg.vocab_size, 1))

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 
-# stride_tb (the step's longest block table) changes from step to step: unspecialised, so it never recompiles mid-serving
+# stride_tb (the step's longest block table) changes from step to step: unspecialised, so it never recompiles
+# mid-serving
 @triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, scale,
                    stride_tb, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,

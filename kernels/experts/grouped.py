@@ -39,12 +39,13 @@ def _tile_coords(num_m_tiles, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 def _k_offset(i, n_k, rot, BK: tl.constexpr):
     """Offset of a program's i-th K tile: each program starts at its own tile (rot) so that at any moment the
     programs read different columns of the weight rows. All of them streaming the same column band at once
-    concentrates the traffic on a few memory channels: one-token steps (one expert, ~150 programs) were slower and
-    erratic on H200 without this (bench/results/kernels.md)."""
+    concentrates the traffic on a few memory channels: the worst passes of one-token steps (one expert, ~150
+    programs) were 8-14% slower on H200 without this (bench/results/experts-sweep-h200-2026-11-27.json)."""
     return tl.multiple_of(((i + rot) % n_k) * BK, BK)
 
 
-# num_m_tiles changes from step to step: unspecialised, so a new value (1, a multiple of 16) never recompiles mid-serving
+# num_m_tiles changes from step to step: unspecialised, so a new value (1, a multiple of 16) never recompiles
+# mid-serving
 @triton.jit(do_not_specialize=["num_m_tiles"])
 def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
                     stride_xm, stride_we, stride_wn, stride_hm,
