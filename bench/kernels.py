@@ -576,53 +576,41 @@ def expert_weights():
 
 
 def expert_tune(weights, log) -> dict:
-    best = {}
-    ecfgs = [dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-             dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4),
-             dict(BM=16, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=3),
-             dict(BM=32, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-             dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-             dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
-             dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-             dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-             dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-             dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)]
     # decode sizes: tiles of both GEMMs (config=) or of the down GEMM alone (down_config=)
-    for E, M in ((4, 1), (4, 4), (8, 8)):
+    decode = [(which, dict(BM=16, BN=BN, BK=BK, GROUP_M=1, num_warps=4, num_stages=4))
+              for BN, BK in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256))
+              for which in ("config", "down_config")]
+    # larger steps: tiles of both GEMMs, beside the grouped_mm path
+    large = [("config", cfg) for cfg in (
+        dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BM=16, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=3),
+        dict(BM=32, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3))]
+    best = {}
+    for E, M, tries in ((4, 1, decode), (4, 4, decode), (8, 8, decode), (8, 128, large), (4, 512, large),
+                        (8, 8192, large)):
         case = ExpertsCase(E, M, weights)
         rows = [(bench_ms(case.ours()), "Triton, default config")]
-        base = dict(BM=16, GROUP_M=1, num_warps=4, num_stages=4)
-        for BN, BK in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256)):
-            for which in ("config", "down_config"):
-                cfg = dict(base, BN=BN, BK=BK)
-                try:
-                    rows.append((bench_ms(case.ours(**{which: cfg})), f"{which}={cfg}"))
-                except Exception as exc:  # noqa: BLE001
-                    log(f"  experts E={E} M={M} {which}={cfg}: {type(exc).__name__}")
-        if hasattr(torch, "_grouped_mm"):
-            rows.append((bench_ms(case.grouped_mm()), "torch._grouped_mm pipeline (contender)"))
-        rows.sort(key=lambda r: r[0])
-        for t, cfg in rows[:6] + [r for r in rows[6:] if "default" in r[1] or "contender" in r[1]]:
-            log(f"  experts E={E} M={M}: {t:.4f} ms {cfg}")
-        best[f"experts E={E} M={M}"] = rows
-    for E, M in ((8, 128), (4, 512), (8, 8192)):
-        case = ExpertsCase(E, M, weights)
-        rows = []
-        for cfg in ecfgs:
-            if cfg["BM"] > 32 and M <= 8:
-                continue
+        for which, cfg in tries:
             try:
-                rows.append((bench_ms(case.ours(config=cfg)), cfg))
-            except Exception as exc:  # noqa: BLE001
-                log(f"  experts M={M} {cfg}: {type(exc).__name__}")
-        rows.append((bench_ms(case.ours()), "Triton, default config"))
-        rows.append((bench_ms(lambda: grouped_swiglu_grouped_mm(case.x, case.sizes, case.w13, case.w2, case.wts)),
-                     "grouped_mm path"))
+                rows.append((bench_ms(case.ours(**{which: cfg})), f"{which}={cfg}"))
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory)
+                log(f"  experts E={E} M={M} {which}={cfg}: {type(exc).__name__}")
+        if tries is large:
+            rows.append((bench_ms(lambda: grouped_swiglu_grouped_mm(case.x, case.sizes, case.w13, case.w2,
+                                                                    case.wts)), "grouped_mm path"))
         if hasattr(torch, "_grouped_mm"):
             rows.append((bench_ms(case.grouped_mm()), "torch._grouped_mm pipeline (contender)"))
         rows.sort(key=lambda r: r[0])
-        for t, cfg in rows[:4] + [r for r in rows[4:] if isinstance(r[1], str)]:
-            log(f"  experts E={E} M={M}: {t:.3f} ms {cfg}")
+        swept = ("config=", "down_config=")
+        for t, label in rows[:6] + [r for r in rows[6:] if not r[1].startswith(swept)]:
+            log(f"  experts E={E} M={M}: {t:.4f} ms {label}")
         best[f"experts E={E} M={M}"] = rows
     return best
 
