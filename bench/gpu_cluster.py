@@ -201,9 +201,14 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             shard_of = (ids // eps).cpu()
             counts = [T] * N if padded else [int((shard_of == s).any(-1).sum()) for s in range(N)]
             # ---- ours
-            warm = 3
-            if rank == 0:
+            def run_ours(warm: int, steps: int):
+                """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
+                on the router, (host seconds, seconds) per layer over the last `steps`."""
+                if rank != 0:
+                    ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+                    return None
                 disp = RouterDispatcher(N, experts, hidden, top_k, dev)
+                t0 = now()
                 for i in range(warm + steps):
                     if i == warm:
                         sync(dev)
@@ -211,27 +216,23 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                     disp.begin_step(T)
                     for layer in range(layers):
                         disp(layer, h, ids, weights)
-                ours_cpu = (now() - t0) / (steps * layers)  # the host's launch time: near `ours` = CPU-bound
+                host = (now() - t0) / (steps * layers)  # the host's launch time: near the total = CPU-bound
                 sync(dev)
-                ours = (now() - t0) / (steps * layers)
+                total = (now() - t0) / (steps * layers)
                 disp.shutdown()
-            else:
-                ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+                return host, total
+
+            warm = 3
+            timed = run_ours(warm, steps)
+            if rank == 0:
+                ours_cpu, ours = timed
             dist.barrier()
             if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
                 with profile(activities=acts) as prof:
-                    if rank == 0:
-                        disp = RouterDispatcher(N, experts, hidden, top_k, dev)
-                        for _ in range(3):
-                            disp.begin_step(T)
-                            for layer in range(layers):
-                                disp(layer, h, ids, weights)
-                        disp.shutdown()
-                    else:
-                        ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+                    run_ours(0, 3)
                     sync(dev)
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
                 Path(result_path).with_name(f"dispatch_profile_rank{rank}.txt").write_text(table)
