@@ -68,7 +68,7 @@ def _prefill_kernel(q, k, v, o, slopes, pool,
         # The dots that do not need S are issued first and S's own update is a plain add at the end (17-20% faster
         # on H100 than accumulating k^T v into the decayed S). The decays go where they cost least: the k-side one on
         # the [C, BV] v tile instead of the [C, D] k tile, the q-side one on the fp32 [C, BV] product as a row scale
-        # (not on a bf16 copy of q): 21-27% faster on H200 (bench/results/kernels-tune-h200-*.json).
+        # (not on a bf16 copy of q): 21-27% faster on H200 (bench/results/kernels-tune-h200-2026-11-27-r2.json).
         kv = tl.dot(tl.trans(kc), (vc * k_decay[:, None]).to(DT))
         scores = tl.dot(qc, tl.trans(kc)) * intra_decay
         oc = tl.dot(qc, S.to(DT)) * q_decay[:, None]
