@@ -46,9 +46,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ("env", "ckpt", "dispatch", "engine", "serve", "longctx", "hf")
-CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "serve": 240, "longctx": 150, "hf": 240}
-MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "serve": 70, "longctx": 45, "hf": 60}
+PHASES = ("env", "ckpt", "dispatch", "engine", "graphs", "serve", "longctx", "hf")
+CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "graphs": 150, "serve": 240, "longctx": 150,
+        "hf": 240}
+MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "graphs": 45, "serve": 70, "longctx": 45,
+             "hf": 60}
 TOKENS_HEAD = (4, 16)  # the first output tokens of the first sequences, recorded by engine and hf to compare
 NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -167,6 +169,8 @@ class _EchoExperts:
     def forward(self, layer, x, ids, weights):
         return x.contiguous()
 
+    forward_no_sync = forward
+
 
 def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path,
                    profile_at=None):
@@ -201,21 +205,31 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             shard_of = (ids // eps).cpu()
             counts = [T] * N if padded else [int((shard_of == s).any(-1).sum()) for s in range(N)]
             # ---- ours
-            def run_ours(warm: int, steps: int):
+            def run_ours(warm: int, steps: int, graphed: bool = False):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
-                on the router, (host seconds, seconds) per layer over the last `steps`."""
+                on the router, (host seconds, seconds) per layer over the last `steps`. graphed: the steps' layers
+                replayed from a CUDA graph on both sides (the engine's decode steps), the step header eager."""
                 if rank != 0:
                     ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
                     return None
                 disp = RouterDispatcher(N, experts, hidden, top_k, dev)
+                graph = None
                 t0 = now()
                 for i in range(warm + steps):
                     if i == warm:
                         sync(dev)
                         t0 = now()
-                    disp.begin_step(T)
+                    disp.begin_step(T, graphed)
+                    if graph is not None:
+                        graph.replay()
+                        continue
                     for layer in range(layers):
                         disp(layer, h, ids, weights)
+                    if graphed and dev.type == "cuda":
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            for layer in range(layers):
+                                disp(layer, h, ids, weights)
                 host = (now() - t0) / (steps * layers)  # the host's launch time: near the total = CPU-bound
                 sync(dev)
                 total = (now() - t0) / (steps * layers)
@@ -227,6 +241,12 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             if rank == 0:
                 ours_cpu, ours = timed
             dist.barrier()
+            graphable = padded and T <= 256  # decode sizes: what the engine replays from graphs
+            if graphable:
+                timed = run_ours(warm, steps, graphed=True)
+                if rank == 0:
+                    ours_graph = timed[1]
+                dist.barrier()
             if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
                 from torch.profiler import ProfilerActivity, profile
 
@@ -251,24 +271,46 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 send_b = torch.randn(n, hidden, device=dev).to(dtype)
                 recv_b = send_b.new_empty(0, hidden)
                 f_in, f_out, b_in, b_out = [0] * world, [n] + [0] * N, [n] + [0] * N, [0] * world
+            def raw_layers():
+                for layer in range(layers):
+                    dist.all_to_all_single(recv_f, send_f, f_out, f_in)
+                    dist.all_to_all_single(recv_b, send_b, b_out, b_in)
+
             for i in range(warm + steps):
                 if i == warm:
                     sync(dev)
                     t0 = now()
-                for layer in range(layers):
-                    dist.all_to_all_single(recv_f, send_f, f_out, f_in)
-                    dist.all_to_all_single(recv_b, send_b, b_out, b_in)
+                raw_layers()
             raw_cpu = (now() - t0) / (steps * layers)
             sync(dev)
             raw = (now() - t0) / (steps * layers)
             dist.barrier()
+            raw_graph = None
+            if graphable and dev.type == "cuda":  # the same collectives replayed from a graph: the link's own time
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    raw_layers()
+                for i in range(warm + steps):
+                    if i == warm:
+                        sync(dev)
+                        t0 = now()
+                    graph.replay()
+                sync(dev)
+                raw_graph = (now() - t0) / (steps * layers)
+                dist.barrier()
             if rank == 0:
                 elem = torch.empty((), dtype=dtype).element_size()
-                rows_out.append({"layers_per_step": layers, "tokens": T, "mode": "padded" if padded else "exact",
-                                 "rows_per_shard": counts,
-                                 "bytes_per_layer": sum(counts) * (width + hidden) * elem,
-                                 "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
-                                 "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3})
+                row = {"layers_per_step": layers, "tokens": T, "mode": "padded" if padded else "exact",
+                       "rows_per_shard": counts, "bytes_per_layer": sum(counts) * (width + hidden) * elem,
+                       "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
+                       "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3}
+                if graphable:
+                    row["ours_graph_ms"] = ours_graph * 1e3
+                    row["ours_graph_vs_raw"] = ours_graph / raw
+                if raw_graph is not None:
+                    row["raw_graph_ms"] = raw_graph * 1e3
+                    row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
+                rows_out.append(row)
     if rank == 0:
         Path(result_path).write_text(json.dumps(rows_out))
     dist.destroy_process_group()
@@ -414,23 +456,27 @@ def run_level(engine, concurrency: int, prompt_len: int, max_tokens: int) -> dic
             "tokens_head": [tokens[r][:TOKENS_HEAD[1]] for r in rids[:TOKENS_HEAD[0]]]}
 
 
-def _engine(args, max_model_len: int, max_num_seqs: int):
+def _engine(args, max_model_len: int, max_num_seqs: int, graphs: bool = False):
+    """profile=True with eager decode steps (each part synchronised: the breakdown), or decode steps replayed from
+    CUDA graphs with no profiling (what serving runs)."""
     from cluster.engine.engine import Engine, EngineConfig
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
-    _patch_attention_timers(device)
+    if not graphs:
+        _patch_attention_timers(device)
     cfg = EngineConfig(model=args.model, expert_shards=args.shards, device=device,
                        dtype="bfloat16" if args.device == "cuda" else None, max_num_seqs=max_num_seqs,
-                       max_model_len=max_model_len, max_num_batched_tokens=args.chunk, profile=True,
-                       collective_timeout_s=120.0)
+                       max_model_len=max_model_len, max_num_batched_tokens=args.chunk, profile=not graphs,
+                       collective_timeout_s=120.0, cuda_graphs=graphs)
     t0 = now()
     engine = Engine(cfg)
     return engine, now() - t0, cfg
 
 
-def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_seqs: int) -> dict:
+def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_seqs: int,
+                  graphs: bool = False) -> dict:
     max_len = max(p + m for _, p, m in levels) + 16
-    engine, load_s, cfg = _engine(args, max_len, max_num_seqs)
+    engine, load_s, cfg = _engine(args, max_len, max_num_seqs, graphs)
     result = {"load_s": load_s, "config": {k: v for k, v in vars(cfg).items()}, "rows": []}
     try:
         run_level(engine, 1, 64, 4)  # warm-up: Triton compiles, NCCL connects
@@ -451,6 +497,13 @@ def phase_engine(args) -> dict:
     t = args.engine_tokens
     return _levels_phase(args, "engine", [(1, args.prompt_len, t), (args.concurrency, args.prompt_len, t)],
                          args.concurrency)
+
+
+def phase_graphs(args) -> dict:
+    """The engine phase's levels with decode steps replayed from CUDA graphs (router and shards), no profiling."""
+    t = args.engine_tokens
+    levels = [(c, args.prompt_len, t) for c in sorted({1, min(8, args.concurrency), args.concurrency})]
+    return _levels_phase(args, "graphs", levels, args.concurrency, graphs=True)
 
 
 def phase_longctx(args) -> dict:
@@ -835,6 +888,25 @@ def report(args, phase_status: dict) -> dict:
                          "attention", "attention.lightning", "attention.softmax", "moe", "moe.experts", "total")) +
                      f" | {fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p99'], 0)} |")
         L.append("")
+    gr = data["graphs"]
+    if gr and gr.get("rows"):
+        L.append("## Engine in-process with CUDA-graph decode steps (router and shards replay their graphs)\n")
+        L.append("Same engine and prompts as above, `cuda_graphs=True`, no profiling: a decode step is one graph "
+                 "replay per side plus the step header. Eager = the profiled engine above (its syncs inflate it).\n")
+        L.append("| conc | prompt | out | decode tok/s | wall ms/step | floor ms | x floor | eager wall ms/step | "
+                 "eager / graphs | TTFT p50 ms |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        eager = {(r["concurrency"], r["prompt_len"]): r for r in (en or {}).get("rows") or []}
+        for r in gr["rows"]:
+            floor = decode_floor_ms(cfg, env, args.shards, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
+                if cfg is not None else None
+            wall = r["decode_ms_per_step_wall"]
+            e = eager.get((r["concurrency"], r["prompt_len"]))
+            L.append(f"| {r['concurrency']} | {r['prompt_len']} | {r['max_tokens']} | {fmt(r['decode_tok_s'], 1)} | "
+                     f"{fmt(wall)} | {fmt(floor and floor['total_ms'])} | "
+                     f"{fmt(floor and wall / floor['total_ms'])} | {fmt(e and e['decode_ms_per_step_wall'])} | "
+                     f"{fmt(e and e['decode_ms_per_step_wall'] / wall)} | {fmt(r['ttft_ms']['p50'], 0)} |")
+        L.append("")
     lc = data["longctx"]
     if lc and lc.get("rows"):
         L.append("## Long context (engine in-process, one sequence)\n")
@@ -860,15 +932,21 @@ def report(args, phase_status: dict) -> dict:
                  f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
         L.append("`host ms` = time the router's CPU took to issue the layer (no sync): close to the total means the "
                  "host, not the link, sets the pace.\n")
+        L.append("`graph` columns (decode sizes): the step's layers replayed from a CUDA graph on every rank, as the "
+                 "engine's decode steps run (ours: plus the eager step header); raw graph: the same all_to_all_singles "
+                 "replayed from a graph.\n")
         L.append("| layers/step | tokens | mode | bytes/layer | ours ms | ours host ms | raw ms | raw host ms | "
-                 "ours / raw | alpha+bytes/BW ms | ours / model |")
-        L.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "ours / raw | alpha+bytes/BW ms | ours / model | ours graph ms | raw graph ms | "
+                 "ours graph / raw | ours graph / raw graph |")
+        L.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
             L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | "
                      f"{fmt(r['ours_ms'], 3)} | "
                      f"{fmt(r.get('ours_host_ms'), 3)} | {fmt(r['raw_ms'], 3)} | {fmt(r.get('raw_host_ms'), 3)} | "
                      f"{fmt(r['ratio'])} | {fmt(r['model_ms'], 3)} | "
-                     f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
+                     f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} | "
+                     f"{fmt(r.get('ours_graph_ms'), 3)} | {fmt(r.get('raw_graph_ms'), 3)} | "
+                     f"{fmt(r.get('ours_graph_vs_raw'))} | {fmt(r.get('ours_graph_vs_raw_graph'))} |")
         L.append("")
     hf = data["hf"]
     if hf:
@@ -889,14 +967,17 @@ def report(args, phase_status: dict) -> dict:
         if hf.get("error"):
             L.append(f"error: {hf['error']}\n")
         L.append("| conc | prompt | out | TTFT s | prefill tok/s | decode tok/s | decode ms/step | output tok/s | "
-                 "engine decode tok/s | **engine / transformers decode** | engine last first token s | same tokens |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "engine decode tok/s | **engine / transformers decode** | engine last first token s | same tokens | "
+                 "graphs decode tok/s | **graphs / transformers decode** |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
         engine_rows = {(r["concurrency"], r["prompt_len"]): r for r in (en or {}).get("rows") or []}
+        graph_rows = {(r["concurrency"], r["prompt_len"]): r for r in (gr or {}).get("rows") or []}
         for r in hf.get("rows") or []:
             if r.get("error"):
                 L.append(f"| {r['concurrency']} | {r['prompt_len']} | {r['max_tokens']} | error: {r['error'][:200]} |")
                 continue
             e = engine_rows.get((r["concurrency"], r["prompt_len"]))
+            g = graph_rows.get((r["concurrency"], r["prompt_len"]))
             same = None
             if e and e.get("tokens_head"):
                 pairs = list(zip(e["tokens_head"], r["tokens_head"]))
@@ -907,7 +988,9 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(r['prefill_tok_s'], 0)} | {fmt(r['decode_tok_s'], 1)} | {fmt(r['decode_ms_per_step'])} | "
                      f"{fmt(r['output_tok_s'], 1)} | {fmt(e and e['decode_tok_s'], 1)} | "
                      f"**{fmt(e['decode_tok_s'] / r['decode_tok_s'] if e and r['decode_tok_s'] else None, 1)}x** | "
-                     f"{fmt(e and e['prefill_s'], 3)} | {fmt(same)} |")
+                     f"{fmt(e and e['prefill_s'], 3)} | {fmt(same)} | "
+                     f"{fmt(g and g['decode_tok_s'], 1)} | "
+                     f"**{fmt(g['decode_tok_s'] / r['decode_tok_s'] if g and r['decode_tok_s'] else None, 1)}x** |")
         L.append("")
     elif phase_status.get("hf"):
         L.append(f"## transformers generate\n\nno result ({phase_status['hf']}); see logs.txt\n")

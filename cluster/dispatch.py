@@ -14,6 +14,11 @@ Two dispatch modes give the same result:
   latency, not bytes, is the cost, and always with a single shard (it gets every token anyway).
 - exact: the router first sends each shard its token count (one tiny all_to_all plus a sync), then only the routed
   rows (all_to_all_single both ways). For large steps over several shards, where bytes dominate.
+
+A padded step can also be marked `graphed` in its header (the router's decode steps at a fixed batch size): the
+shard then runs all the step's layers with no host sync (ExpertPart.forward_no_sync) and, on GPU, captures them in
+a CUDA graph the first time it sees that token count and replays it afterwards, as the router does on its side.
+The collectives captured on both sides are the same ones in the same order, so they still meet.
 """
 
 from __future__ import annotations
@@ -89,20 +94,29 @@ class RouterDispatcher:
         self.times = StepTimes()
         self.mode = MODE_PADDED
         self.num_tokens = 0
+        self.graphed = False
+        # learned from eager steps, for the bytes of graphed ones (a replayed graph runs no Python to count them)
+        self.layers_per_step = self._calls = self._row_bytes = 0
 
     def _time(self) -> float:
         if self.sync_timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def begin_step(self, num_tokens: int) -> None:
-        self.num_tokens = num_tokens
-        padded = self.num_shards == 1 or num_tokens * self.num_shards <= self.padded_max_rows
+    def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
+        """graphed: this step's layers run with no host sync (padded mode), captured in / replayed from a CUDA graph
+        on GPU, on both sides."""
+        if self._calls:
+            self.layers_per_step, self._calls = self._calls, 0
+        self.num_tokens, self.graphed = num_tokens, graphed
+        padded = graphed or self.num_shards == 1 or num_tokens * self.num_shards <= self.padded_max_rows
         self.mode = MODE_PADDED if padded else MODE_EXACT
-        self._send_header(OP_STEP, num_tokens, self.mode)
+        if graphed:
+            self.times.bytes_sent += num_tokens * self._row_bytes * self.num_shards * self.layers_per_step
+        self._send_header(OP_STEP, num_tokens, self.mode, int(graphed))
 
-    def _send_header(self, op: int, num_tokens: int = 0, mode: int = 0) -> None:
-        header = torch.tensor([op, num_tokens, mode, 0], dtype=torch.long)
+    def _send_header(self, op: int, num_tokens: int = 0, mode: int = 0, graphed: int = 0) -> None:
+        header = torch.tensor([op, num_tokens, mode, graphed], dtype=torch.long)
         if self.device.type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU to drain
             header = header.pin_memory().to(self.device, non_blocking=True)
         _collective(dist.broadcast, header, src=ROUTER_RANK)
@@ -118,8 +132,15 @@ class RouterDispatcher:
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, N = h.shape[0], self.num_shards
         assert T == self.num_tokens, "begin_step was not called with this step's token count"
+        if self.graphed:  # no timing (it would sync inside a capture), bytes counted by begin_step
+            _collective(dist.broadcast, pack_rows(h, ids, weights), src=ROUTER_RANK)
+            out = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+            _collective(dist.reduce, out, dst=ROUTER_RANK)
+            return out
+        self._calls += 1
         t0 = self._time()
         rows = pack_rows(h, ids, weights)
+        self._row_bytes = rows.shape[1] * rows.element_size()
         if self.mode == MODE_PADDED:
             self.times.bytes_sent += rows.numel() * rows.element_size() * N
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
@@ -166,18 +187,42 @@ class ShardWorker:
         self.compute_seconds = 0.0
         self.tokens_computed = 0
         self.observe_compute = observe_compute  # called with each layer's compute seconds
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # token count -> the captured no-sync step
 
     def serve(self) -> None:
         while True:
             header = torch.empty(4, dtype=torch.long, device=self.device)
             _collective(dist.broadcast, header, src=ROUTER_RANK)
-            op, num_tokens, mode, _ = header.tolist()
+            op, num_tokens, mode, graphed = header.tolist()
             if op == OP_SHUTDOWN:
                 return
             if op == OP_HEARTBEAT:
                 continue
+            if graphed:
+                self._graphed_step(num_tokens)
+                continue
             for layer in range(self.num_layers):
                 self._layer(layer, num_tokens, mode)
+
+    def _graphed_step(self, num_tokens: int) -> None:
+        graph = self.graphs.get(num_tokens)
+        if graph is not None:
+            graph.replay()
+        else:  # first time at this size: run it (the router runs its side eagerly too), then capture it on GPU
+            self._no_sync_step(num_tokens)
+            if self.device.type == "cuda":
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._no_sync_step(num_tokens)
+                self.graphs[num_tokens] = graph
+        self.tokens_computed += num_tokens * self.num_layers
+
+    def _no_sync_step(self, num_tokens: int) -> None:
+        for layer in range(self.num_layers):
+            rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
+            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
+            _collective(dist.reduce, self.experts.forward_no_sync(layer, x, ids, weights), dst=ROUTER_RANK)
 
     def _layer(self, layer: int, num_tokens: int, mode: int) -> None:
         W = self.world

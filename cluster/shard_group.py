@@ -23,12 +23,16 @@ class LocalExperts:
 
     def __init__(self, experts: ExpertPart):
         self.experts = experts
-        self.moe = experts.forward
         self.healthy = True
         self.dispatcher = None
+        self.graphed = False
 
-    def begin_step(self, num_tokens: int) -> None:
-        pass
+    def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
+        self.graphed = graphed
+
+    def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        forward = self.experts.forward_no_sync if self.graphed else self.experts.forward
+        return forward(layer, h, ids, weights)
 
     def heartbeat(self) -> None:
         pass
@@ -133,8 +137,8 @@ class FormedGroup:
             self.healthy = False
             raise
 
-    def begin_step(self, num_tokens: int) -> None:
-        self._call(self.dispatcher.begin_step, num_tokens)
+    def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
+        self._call(self.dispatcher.begin_step, num_tokens, graphed)
 
     def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._call(self.dispatcher, layer, h, ids, weights)
@@ -183,12 +187,12 @@ class ProcessShardGroup(FormedGroup):
                                            self.sync_timing)
         self.healthy = True
 
-    def begin_step(self, num_tokens: int) -> None:
+    def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
         dead = [p.name for p in self.procs if not p.is_alive()]
         if dead:
             self.healthy = False
             raise DispatchError(f"expert shard process exited: {', '.join(dead)}")
-        super().begin_step(num_tokens)
+        super().begin_step(num_tokens, graphed)
 
     def restart(self) -> None:
         """Tears the broken group down and forms a new one with fresh shard processes."""

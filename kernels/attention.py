@@ -24,9 +24,14 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
 
 
-def paged_attention(q, k_cache, v_cache, seq_lens: list[int], context_lens: list[int], block_tables, scale: float):
+def paged_attention(q, k_cache, v_cache, seq_lens: list[int], context_lens: list[int], block_tables, scale: float,
+                    decode_context_lens=None):
     """q [T, H, D] packed (seq_lens new tokens per sequence, the last ones of context_lens tokens each, already in
-    the cache). Causal: new token i of a sequence sees cache rows 0 .. context_len - seq_len + i."""
+    the cache). Causal: new token i of a sequence sees cache rows 0 .. context_len - seq_len + i.
+    decode_context_lens: a decode-only step's context lengths as a device tensor [B] int32: on GPU one kernel launch
+    that reads nothing from the host lists (CUDA-graph safe)."""
+    if decode_context_lens is not None and q.is_cuda and HAVE_TRITON:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, decode_context_lens, scale)
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     starts = [0]

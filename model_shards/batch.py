@@ -29,6 +29,9 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [T] flat KV cache row of each new token
     last_token_rows: torch.Tensor  # [B] row of each sequence's last token in the packed batch
+    # a decode-only step's context lengths on the device [B] int32: the attention then reads no host list (set by the
+    # CUDA-graph runner, whose steps must not depend on host values)
+    decode_context_lens: torch.Tensor | None = None
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], kv_block_size: int, device) -> "ForwardBatch":
@@ -57,14 +60,18 @@ class ForwardBatch:
 
 class ModelCache:
     """Preallocated per-sequence caches: one fp32 lightning state per lightning layer and slot, and paged KV
-    blocks for the softmax layers. Which slot / blocks a sequence owns is the scheduler's business."""
+    blocks for the softmax layers. Which slot / blocks a sequence owns is the scheduler's business.
+
+    One more slot and one more KV block than asked for (`scratch_slot`, `scratch_block`) belong to no sequence: the
+    padding rows of fixed-size decode steps write there."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, num_kv_blocks: int, kv_block_size: int, dtype, device):
         n_lin, n_full = len(cfg.linear_layers), len(cfg.full_layers)
         H, D = cfg.num_attention_heads, cfg.head_dim
         self.kv_block_size = kv_block_size
-        self.lightning = torch.zeros(n_lin, num_slots, H, D, D, dtype=torch.float32, device=device)
-        kv_shape = (n_full, num_kv_blocks, kv_block_size, cfg.num_key_value_heads, D)
+        self.scratch_slot, self.scratch_block = num_slots, num_kv_blocks
+        self.lightning = torch.zeros(n_lin, num_slots + 1, H, D, D, dtype=torch.float32, device=device)
+        kv_shape = (n_full, num_kv_blocks + 1, kv_block_size, cfg.num_key_value_heads, D)
         self.k = torch.zeros(kv_shape, dtype=dtype, device=device)
         self.v = torch.zeros(kv_shape, dtype=dtype, device=device)
         self._index = {layer: i for i, layer in enumerate(cfg.linear_layers)}

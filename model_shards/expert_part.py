@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kernels.experts import grouped_swiglu, quantize_int8
+from kernels.experts import grouped_swiglu, grouped_swiglu_no_sync, quantize_int8
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -70,4 +70,20 @@ class ExpertPart:
         sizes = torch.bincount(local, minlength=self.num_experts).tolist()
         scales = (self.w13_scale[layer], self.w2_scale[layer]) if self.w13_scale is not None else (None, None)
         y = grouped_swiglu(x[token], sizes, self.w13[layer], self.w2[layer], weights[token, k[order]], *scales)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def forward_no_sync(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+        """forward without reading anything back from the device: every shape depends only on x's (the decode steps
+        captured in CUDA graphs). All T*K (token, expert) pairs are sorted, this shard's first; the rest get zeros."""
+        T, K = expert_ids.shape
+        E = self.num_experts
+        local = expert_ids.flatten() - self.first
+        local = torch.where((local >= 0) & (local < E), local, E)  # E: on another shard, sorted last
+        order = torch.argsort(local, stable=True)
+        token = order // K
+        counts = (local[:, None] == torch.arange(E, device=x.device)).sum(0)  # (bincount would read its max back)
+        scales = (self.w13_scale[layer], self.w2_scale[layer]) if self.w13_scale is not None else (None, None)
+        y = grouped_swiglu_no_sync(x[token], counts, self.w13[layer], self.w2[layer], weights.flatten()[order],
+                                   *scales)
         return torch.zeros_like(x).index_add_(0, token, y)

@@ -80,7 +80,7 @@ class SoftmaxAttention(nn.Module):
         k_cache, v_cache = cache.kv(self.layer)
         write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, batch.seq_lens, batch.context_lens, batch.block_tables,
-                            scale=cfg.head_dim ** -0.5)
+                            scale=cfg.head_dim ** -0.5, decode_context_lens=batch.decode_context_lens)
         return o.reshape(T, -1) @ self.o.T
 
 

@@ -41,6 +41,30 @@ def test_mixed_batch_arriving_at_different_times_matches_single_process_model(en
     assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
 
 
+def test_fixed_size_decode_steps_match_single_process_model(tiny_model, reference_parts):
+    """The decode path the GPU replays from CUDA graphs (padded to fixed sizes, scratch slot and KV block for the
+    padding, no host sync in the experts), run eagerly on CPU: the same tokens, and the scratch slot never handed
+    to a sequence."""
+    prompts = [random_ids(n, 512, seed=n) for n in PROMPT_LENGTHS]
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=8, max_num_batched_tokens=96, max_model_len=1024,
+                       cuda_graphs=True)
+    with Engine(cfg) as e:
+        assert e.graphs.sizes == [1, 2, 4, 8]
+        streams = []
+        for i, p in enumerate(prompts):
+            streams.append(e.submit(p, GREEDY))
+            if i == 2:
+                next(iter(streams[0]))
+        results = [s.result() for s in streams]
+        for p, r in zip(prompts, results):
+            assert r.token_ids == greedy_reference(*reference_parts, p, GREEDY.max_tokens)
+        assert {4, 8} <= set(e.graphs.inputs)  # 5 and 3 decoding sequences were padded
+        assert e.cache.scratch_slot == e.cache_manager.slots.total
+        assert e.cache.scratch_block == e.cache_manager.blocks.total
+        s = wait_idle(e)
+        assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+
+
 def test_warmup_leaves_no_trace(tiny_model, reference_parts, monkeypatch):
     """The warm-up's throwaway requests run to the end, free everything, reset the counters, and a request after it
     gives the single-process model's tokens (no state left in the reused slots). Its steps cover the shapes serving

@@ -27,13 +27,18 @@ def expected(reference_parts):
     return prompts, [greedy_reference(*reference_parts, p, GREEDY.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("shards, padded_max_rows, warmup", [(1, 512, False), (2, 512, False), (4, 512, False),
-                                                             (2, 0, False), (2, 512, True)],
-                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch", "2shards-after-warmup"])
-def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup):
+@pytest.mark.parametrize("shards, padded_max_rows, warmup, graphs",
+                         [(1, 512, False, False), (2, 512, False, False), (4, 512, False, False),
+                          (2, 0, False, False), (2, 512, True, False), (2, 0, False, True)],
+                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch", "2shards-after-warmup",
+                              "2shards-fixed-size-decode"])
+def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup, graphs):
+    """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches,
+    `graphed` headers, the shards' no-sync expert path; prefill steps in exact mode.)"""
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
-                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60, warmup=warmup)
+                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60, warmup=warmup,
+                       cuda_graphs=graphs)
     with Engine(cfg) as engine:
         assert (engine.warmup_s is not None) == warmup
         streams = []
@@ -47,6 +52,8 @@ def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, pad
         assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
         times = engine.experts.dispatcher.times
         assert times.layers > 0 and times.bytes_sent > 0
+        if graphs:  # batches of 5, 4, ... one-token sequences ran at the padded sizes 8 and 4
+            assert {4, 8} <= set(engine.graphs.inputs)
 
 
 @pytest.mark.parametrize("how", ["kill", "stall"])

@@ -34,7 +34,8 @@ def _run_checks() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.experts.grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton
+    from kernels.experts.grouped import (_tile_table, device_tile_table, grouped_swiglu_counts,
+                                         grouped_swiglu_grouped_mm, grouped_swiglu_triton)
     from kernels.experts.reference import dequantize_int8, quantize_int8
     from kernels.experts.reference import grouped_swiglu
     from kernels.lightning.decode import lightning_decode_pool
@@ -149,6 +150,23 @@ def _run_checks() -> dict:
                 ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else w.double())
                 errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
         res[f"experts_{name}_err"] = max(errs)
+        # counts on the device, fixed grid (CUDA-graph path): 5 spare rows after the experts' must come back zero
+        xp = torch.cat([x, torch.randn(5, Hd).bfloat16()])
+        wp = torch.cat([wts, torch.rand(5).bfloat16()])
+        counts = torch.tensor(sizes + [0] * (E - len(sizes)))
+        errs, spare_zero = [], True
+        for cfg in (None, configs[1]):
+            y = grouped_swiglu_counts(xp, counts, w13, w2, wp, config=cfg)
+            ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), wts.double())
+            errs.append(_rel(y[:N], ref) if torch.isfinite(y[:N]).all() else float("inf"))
+            spare_zero &= bool((y[N:] == 0).all())
+        res[f"experts_{name}_counts_err"] = max(errs)
+        res[f"experts_{name}_counts_spare_zero"] = spare_zero
+        table = device_tile_table(counts, 16, -(-N // 16) + E)
+        real = table[1] < table[2]
+        host, n_host = _tile_table(sizes, 16, "cpu")
+        res[f"experts_{name}_device_table_matches"] = bool(int(real.sum()) == n_host
+                                                           and torch.equal(table[:, real], host))
         errs = []  # the GEMM-bound path: torch._grouped_mm (CPU here) around the Triton silu*mul*weight pass
         for w in (wts, None):
             y = torch.full_like(x, float("nan"))
@@ -214,6 +232,14 @@ def test_grouped_swiglu(results, case):
     assert results[f"experts_{case}_err"] < TOL
     assert results[f"experts_{case}_int8_err"] < TOL
     assert results[f"experts_{case}_grouped_mm_err"] < TOL
+
+
+@pytest.mark.parametrize("case", ["a", "b"])
+def test_grouped_swiglu_from_device_counts(results, case):
+    """The CUDA-graph path: group sizes as a device tensor, a grid fixed by the row count, empty tiles exit."""
+    assert results[f"experts_{case}_device_table_matches"]
+    assert results[f"experts_{case}_counts_err"] < TOL
+    assert results[f"experts_{case}_counts_spare_zero"]
 
 
 def test_dispatch_falls_back_on_cpu():

@@ -18,16 +18,20 @@ def value(registry, name: str, **labels) -> float:
     return 0.0 if v is None else v
 
 
-@pytest.mark.parametrize("warmup", [False, True], ids=["no-warmup", "warmup"])
-def test_engine_metrics_count_what_was_served(tiny_model, warmup):
-    """(With the warm-up on, its throwaway requests must not show up in any metric.)"""
+@pytest.mark.parametrize("warmup, graphs", [(False, False), (True, False), (True, True)],
+                         ids=["no-warmup", "warmup", "fixed-size-decode"])
+def test_engine_metrics_count_what_was_served(tiny_model, warmup, graphs):
+    """(With the warm-up on, its throwaway requests must not show up in any metric; with fixed-size decode steps, the
+    padding rows must not count as expert tokens.)"""
     metrics = Metrics("prometheus")
     reg = metrics.registry
-    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4, warmup=warmup), metrics=metrics) as engine:
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=4, warmup=warmup, cuda_graphs=graphs)
+    with Engine(cfg, metrics=metrics) as engine:
         assert (engine.warmup_s is not None) == warmup
         lengths = [(5, 7), (40, 3), (1, 10)]
-        outs = [engine.generate(random_ids(p, 512, p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-                for p, n in lengths]
+        streams = [engine.submit(random_ids(p, 512, p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                   for p, n in lengths]  # together: 3 decoding sequences, padded to 4 with graphs
+        outs = [s.result() for s in streams]
         wait_idle(engine)
         layers = engine.model_config.num_hidden_layers
     prompt = sum(p for p, _ in lengths)

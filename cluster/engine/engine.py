@@ -27,6 +27,7 @@ from ..dispatch import PADDED_MAX_ROWS, DispatchError
 from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup
 from .cache_manager import CacheManager
+from .decode_graphs import DecodeGraphs
 from .sampling import InvalidRequest, SamplingParams, sample
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import RequestOutput, Sequence, Sink, Status
@@ -64,6 +65,9 @@ class EngineConfig:
     padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
+    # decode steps padded to fixed sizes and replayed from CUDA graphs (None: on GPU only; see decode_graphs.py).
+    # On CPU, True runs the same padded path eagerly.
+    cuda_graphs: bool | None = None
 
 
 class RequestStream:
@@ -150,6 +154,10 @@ class Engine:
         self.scheduler = Scheduler(self.cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.profile = StepProfile(self.device, config.profile)
         self.metrics = metrics or Metrics(None)
+        self.graphs = None
+        if config.cuda_graphs or (config.cuda_graphs is None and self.device.type == "cuda"):
+            self.graphs = DecodeGraphs(self.model, self.cache, self.experts, self._moe, config.max_num_seqs,
+                                       config.max_model_len, self.device, config.collective_timeout_s)
         self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
                                           device=self.device)
         self._bytes_reported = 0
@@ -208,6 +216,7 @@ class Engine:
                 dispatcher.times.samples.clear()
                 self._bytes_reported = dispatcher.times.bytes_sent
             self.counters.clear()
+            self._expert_counts.zero_()
             self.profile = StepProfile(self.device, self.config.profile)
             self.metrics = metrics
 
@@ -220,8 +229,9 @@ class Engine:
             budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.85)
         else:
             budget = 2**29
-        slot_bytes = ModelCache.bytes_per_slot(cfg) * c.max_num_seqs
+        slot_bytes = ModelCache.bytes_per_slot(cfg) * (c.max_num_seqs + 1)  # + the scratch slot and block
         block_bytes = ModelCache.bytes_per_kv_block(cfg, c.kv_block_size, self.dtype)
+        budget -= block_bytes
         if slot_bytes + block_bytes > budget:
             raise ValueError(f"cache_memory_gb: {budget / 2**30:.3f} GB cannot hold {c.max_num_seqs} lightning state "
                              f"slots ({slot_bytes / 2**30:.3f} GB); lower max_num_seqs or raise the budget")
@@ -396,12 +406,17 @@ class Engine:
             self.cache.reset_slot(seq.slot)
             seq.scheduled_time = now
             self.metrics.record("m1serve_request_queue_time_seconds", now - seq.arrival_time)
-        batch = ForwardBatch.build([c.chunk for c in plan], self.config.kv_block_size, self.device)
+        chunks = [c.chunk for c in plan]
         sampling = [c for c in plan if c.samples]
-        batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
+        num_tokens = sum(len(c.token_ids) for c in chunks)
         try:
-            self.experts.begin_step(int(batch.input_ids.shape[0]))
-            logits = self.model(batch, self.cache, self._moe, timer=self.profile)
+            if self.graphs is not None and self.graphs.fits(chunks):
+                logits = self.graphs.run(chunks)
+            else:
+                batch = ForwardBatch.build(chunks, self.config.kv_block_size, self.device)
+                batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
+                self.experts.begin_step(num_tokens)
+                logits = self.model(batch, self.cache, self._moe, timer=self.profile)
         except DispatchError as e:
             log.error("expert-shard group failed: %s", e)
             self._expert_counts.zero_()  # this step's routing never completed
@@ -411,20 +426,24 @@ class Engine:
         for c in plan:
             c.seq.num_cached += len(c.chunk.token_ids)
         self.profile.steps += 1
-        self.profile.tokens += int(batch.input_ids.shape[0])
+        self.profile.tokens += num_tokens
         if sampling:
             with self.profile("sampling"):
                 self._sample(sampling, logits)  # reads the tokens back: the step's GPU work is done after this
         seconds = time.monotonic() - now
         if seconds > SLOW_STEP_S:
             log.warning("a step of %d tokens (%d sequences) took %.1f s: a kernel compiling for a new shape, or a slow "
-                        "shard", batch.input_ids.shape[0], len(plan), seconds)
+                        "shard", num_tokens, len(plan), seconds)
         if self.metrics.enabled:
             self._record_step()
 
     def _moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.metrics.enabled:
-            self._expert_counts[layer] += torch.bincount(ids.flatten(), minlength=self._expert_counts.shape[1])
+        # tokens per expert, without a host sync (bincount reads its max back): also inside a CUDA graph, where the
+        # padding rows count 0
+        real = self.graphs.real_rows if self.graphs is not None else None
+        if real is not None or self.metrics.enabled:
+            ones = torch.ones_like(ids) if real is None else real[:, None].expand_as(ids)
+            self._expert_counts[layer].index_add_(0, ids.flatten(), ones.flatten())
         return self.experts.moe(layer, h, ids, weights)
 
     def _record_gauges(self) -> None:
@@ -565,5 +584,7 @@ class Engine:
             time.sleep(1.0)
             return
         log.info("expert-shard group re-formed")
+        if self.graphs is not None:
+            self.graphs.clear()
         self.error = None
         self.counters["group_restarts"] += 1

@@ -12,7 +12,7 @@ from .reference import grouped_swiglu as grouped_swiglu_reference
 try:
     import triton  # noqa: F401
 
-    from .grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton
+    from .grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm, grouped_swiglu_triton
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton
     HAVE_TRITON = False
@@ -28,13 +28,17 @@ def _has_grouped_mm(device: torch.device) -> bool:
     return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def _triton_ok(x, w13, w2, w13_scale) -> bool:
+    weight_dtype = torch.int8 if w13_scale is not None else x.dtype
+    return (HAVE_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and w13.dtype == weight_dtype and w2.dtype == weight_dtype)
+
+
 def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None):
     """x [N, H] sorted by expert; see reference.grouped_swiglu for the contract (scales: int8 weight-only experts).
     On a bf16/fp16 CUDA tensor with matching (or int8) weights: the Triton grouped GEMM, or torch._grouped_mm for
     bf16 weights and many rows per expert; the reference otherwise."""
-    weight_dtype = torch.int8 if w13_scale is not None else x.dtype
-    if (HAVE_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and w13.dtype == weight_dtype and w2.dtype == weight_dtype):
+    if _triton_ok(x, w13, w2, w13_scale):
         touched = sum(1 for n in group_sizes if n)
         if w13_scale is None and x.shape[0] > GROUPED_MM_MIN_ROWS * touched and _has_grouped_mm(x.device):
             return grouped_swiglu_grouped_mm(x, group_sizes, w13, w2, weights)
@@ -42,4 +46,18 @@ def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=N
     return grouped_swiglu_reference(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
 
 
-__all__ = ["grouped_swiglu", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
+def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None):
+    """grouped_swiglu with the group sizes as a tensor [E] on x's device, of which x's first sum(counts) rows are;
+    the rows after them get zeros. On GPU nothing is read back and the launches depend only on x's shape (CUDA-graph
+    safe); elsewhere the reference."""
+    if _triton_ok(x, w13, w2, w13_scale):
+        return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale)
+    sizes = counts.tolist()
+    n = sum(sizes)
+    y = torch.zeros_like(x)
+    y[:n] = grouped_swiglu_reference(x[:n], sizes, w13, w2, None if weights is None else weights[:n], w13_scale,
+                                     w2_scale)
+    return y
+
+
+__all__ = ["grouped_swiglu", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]

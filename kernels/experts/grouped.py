@@ -5,8 +5,9 @@ Two launches over the rows of x, which come sorted by expert:
   1. gate/up: h = silu(x w1^T) * (x w3^T) with w1, w3 the two halves of w13 [E, 2F, H]: each program computes one
      [BM, BN] tile of both products (two accumulators) and writes only h (bf16), so silu*mul costs no extra pass;
   2. down:    y = (h w2^T) * weights, w2 [E, H, F].
-The row tiles never straddle two experts: the host (which already holds group_sizes as a list) builds the tile ->
-(expert, first row, end row) table, so nothing is read back from the GPU. Programs are ordered in groups of GROUP_M
+The row tiles never straddle two experts: a tile -> (expert, first row, end row) table says which rows a program
+takes. The host builds it when it holds group_sizes as a list; `grouped_swiglu_counts` builds it on the device from
+per-expert counts, for a fixed grid with empty tiles at the end (no host sync: CUDA-graph safe). Programs are ordered in groups of GROUP_M
 row tiles so that a weight tile is reused from L2 by the row tiles that need it.
 int8 weights: w13/w2 hold int8 values and per-output-channel scales (w13_scale [E, 2F], w2_scale [E, H]); the
 int8 tile is widened to bf16 (exact) before the dot and the scale is applied to the fp32 accumulator.
@@ -55,6 +56,8 @@ def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
     e = tl.load(tiles + pid_m).to(tl.int64)
     row0 = tl.load(tiles + num_m_tiles + pid_m)
     row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    if row0 >= row1:  # an empty tile of a fixed grid
+        return
     rm = row0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -98,6 +101,8 @@ def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
     e = tl.load(tiles + pid_m).to(tl.int64)
     row0 = tl.load(tiles + num_m_tiles + pid_m)
     row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    if row0 >= row1:
+        return
     rm = row0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -163,6 +168,22 @@ def _tile_table(group_sizes: list[int], BM: int, device) -> tuple[torch.Tensor, 
     return table, len(experts)
 
 
+def device_tile_table(counts: torch.Tensor, BM: int, max_tiles: int) -> torch.Tensor:
+    """The same table from per-expert row counts [E] on the device, without reading them back: [3, max_tiles] int32,
+    tiles past the last real one empty (first row = end row). max_tiles >= ceil(rows / BM) + E always suffices."""
+    E = counts.shape[0]
+    counts = counts.to(torch.int32)
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    n_tiles = (counts + BM - 1) // BM
+    tile_ends = torch.cumsum(n_tiles, 0, dtype=torch.int32)
+    t = torch.arange(max_tiles, device=counts.device, dtype=torch.int32)
+    e = torch.searchsorted(tile_ends, t, right=True).clamp(max=E - 1)  # the expert whose tiles cover t
+    first = ends[e] - counts[e] + (t - tile_ends[e] + n_tiles[e]) * BM
+    end = ends[e]
+    first = torch.where(t < tile_ends[-1], first, end)
+    return torch.stack([e.to(torch.int32), first, end])
+
+
 def _fit(cfg: dict, K: int) -> dict:
     cfg = dict(cfg)
     cfg["BK"] = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
@@ -173,13 +194,37 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
                           config: dict | None = None, down_config: dict | None = None, out=None):
     """x [N, H] (bf16/fp16) sorted by expert; w13 [E, 2F, H], w2 [E, H, F] in x's dtype, or int8 with
     w13_scale [E, 2F] / w2_scale [E, H] (per output channel). Returns [N, H] in x's dtype."""
-    N, Hd = x.shape
-    E, F2, _ = w13.shape
-    F = F2 // 2
+    N = x.shape[0]
     y = torch.empty_like(x) if out is None else out
     if N == 0:
         return y
-    assert sum(group_sizes) == N and len(group_sizes) <= E
+    assert sum(group_sizes) == N and len(group_sizes) <= w13.shape[0]
+    rows = N / max(1, sum(1 for n in group_sizes if n))
+    cfg1 = config or default_config(rows)
+    cfg2 = down_config or config or default_config(rows)
+    table1 = _tile_table(group_sizes, cfg1["BM"], x.device)
+    table2 = table1 if cfg2["BM"] == cfg1["BM"] else _tile_table(group_sizes, cfg2["BM"], x.device)
+    return _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y)
+
+
+def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
+                          config: dict | None = None):
+    """Same result from per-expert row counts [E] on the device instead of a host list, with no host sync and a grid
+    that depends only on x's shape (so it can be captured in a CUDA graph). x's first sum(counts) rows are the
+    experts' (sorted by expert); the rows after them get zeros."""
+    N = x.shape[0]
+    y = torch.zeros_like(x)
+    if N == 0:
+        return y
+    E = counts.shape[0]
+    cfg = config or default_config(N / min(N, E))
+    table = device_tile_table(counts, cfg["BM"], -(-N // cfg["BM"]) + E), -(-N // cfg["BM"]) + E
+    return _launch(x, table, table, cfg, cfg, w13, w2, weights, w13_scale, w2_scale, y)
+
+
+def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y):
+    N, Hd = x.shape
+    F = w13.shape[1] // 2
     int8 = w13.dtype == torch.int8
     assert int8 == (w13_scale is not None) and (w2.dtype == torch.int8) == (w2_scale is not None)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -190,12 +235,10 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
         w13_scale = w13_scale.float().contiguous()
         w2_scale = w2_scale.float().contiguous()
     DT = dot_dtype(x.dtype)
-    rows = N / max(1, sum(1 for n in group_sizes if n))
-    cfg1 = _fit(config or default_config(rows), Hd)
-    cfg2 = _fit(down_config or config or default_config(rows), F)
+    cfg1, cfg2 = _fit(cfg1, Hd), _fit(cfg2, F)
 
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
-    tiles, n_tiles = _tile_table(group_sizes, cfg1["BM"], x.device)
+    tiles, n_tiles = table1
     grid = (n_tiles * triton.cdiv(F, cfg1["BN"]),)
     _gate_up_kernel[grid](
         x, w13, w13_scale if int8 else x, h, tiles, n_tiles, F, Hd,
@@ -204,8 +247,7 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
         BM=cfg1["BM"], BN=cfg1["BN"], BK=cfg1["BK"], GROUP_M=cfg1["GROUP_M"],
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"])
 
-    if cfg2["BM"] != cfg1["BM"]:
-        tiles, n_tiles = _tile_table(group_sizes, cfg2["BM"], x.device)
+    tiles, n_tiles = table2
     grid = (n_tiles * triton.cdiv(Hd, cfg2["BN"]),)
     _down_kernel[grid](
         h, w2, w2_scale if int8 else h, weights if weights is not None else h, y, tiles, n_tiles, Hd, F,

@@ -1,0 +1,129 @@
+"""Decode steps at fixed batch sizes, captured in CUDA graphs: the router's Python runs once per step, not once per
+kernel (a decode step of the real model is ~30 kernels and 2 collectives per layer, each costing the host more
+than the GPU).
+
+A step of n one-token sequences is padded to the next captured size B with rows that use the cache's scratch slot
+and block. Its inputs are copied into that size's static buffers, the shards are told (a `graphed` header) and the
+graph is replayed: the shards replay theirs, with the same collectives. The first step at a size runs eagerly (that
+is the real step, and it compiles what needs compiling) and is captured afterwards. On CPU there are no graphs: the
+same padded, no-host-sync path runs eagerly every time, which is what the CPU tests check.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
+
+from ..dispatch import DispatchError
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to 64 and of 32 beyond: padding costs at most 1/8 of a step past 8."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch]
+    b = 8
+    while b < max_batch:
+        sizes.append(b)
+        b += 8 if b < 64 else 32
+    return sizes + [max_batch]
+
+
+class _Inputs:
+    """One size's static buffers: [B, 6 + max_blocks] int64 on the device, columns token, position, slot, KV row,
+    context length, real (1) or padding (0), then the block table; the ForwardBatch views into it."""
+
+    def __init__(self, B: int, max_blocks: int, device: torch.device):
+        self.device = torch.zeros(B, 6 + max_blocks, dtype=torch.long, device=device)
+        self.staging = torch.zeros(B * (6 + max_blocks), dtype=torch.long, pin_memory=device.type == "cuda")
+        d = self.device
+        self.batch = ForwardBatch(input_ids=d[:, 0], positions=d[:, 1], seq_lens=[1] * B, context_lens=[1] * B,
+                                  slot_ids=d[:, 2], block_tables=d[:, 6:], slot_mapping=d[:, 3],
+                                  last_token_rows=torch.arange(B, device=device))
+        self.real_rows = d[:, 5]
+
+
+class DecodeGraphs:
+    def __init__(self, model, cache: ModelCache, experts, moe, max_batch: int, max_model_len: int, device,
+                 step_timeout_s: float):
+        self.model, self.cache, self.experts, self.moe = model, cache, experts, moe
+        self.device = torch.device(device)
+        self.sizes = graph_sizes(max_batch)
+        self.max_blocks = -(-max_model_len // cache.kv_block_size)
+        self.step_timeout_s = step_timeout_s
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.inputs: dict[int, _Inputs] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None  # one memory pool for all graphs (they never run at the same time)
+        self.real_rows: torch.Tensor | None = None  # [B] of the step being run: 1 = a sequence, 0 = padding
+
+    def fits(self, chunks: list[SeqChunk]) -> bool:
+        return len(chunks) <= self.sizes[-1] and all(len(c.token_ids) == 1 and c.start > 0 for c in chunks)
+
+    def clear(self) -> None:
+        """Drops the graphs (they hold the old group's collectives: called when the shard group is re-formed)."""
+        self.graphs.clear()
+
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Logits [n, V] of the n one-token sequences."""
+        n = len(chunks)
+        B = next(s for s in self.sizes if s >= n)
+        inputs = self._load(chunks, B)
+        self.experts.begin_step(B, graphed=True)
+        graph = self.graphs.get(B)
+        if graph is not None:
+            graph.replay()
+        else:
+            self.logits[B] = self._forward(inputs)
+            if self.device.type == "cuda":
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.logits[B] = self._forward(inputs)
+                self.graphs[B] = graph
+        self._wait()
+        return self.logits[B][:n]
+
+    def _forward(self, inputs: _Inputs) -> torch.Tensor:
+        batch = inputs.batch
+        batch.decode_context_lens = inputs.device[:, 4].to(torch.int32)  # inside the graph: redone every replay
+        self.real_rows = inputs.real_rows
+        try:
+            return self.model(batch, self.cache, self.moe)
+        finally:
+            self.real_rows = None
+
+    def _load(self, chunks: list[SeqChunk], B: int) -> _Inputs:
+        """Writes this step's inputs into size B's static buffers with one host-to-device copy (of the block
+        tables' columns in use: the kernels never read past a sequence's context)."""
+        if B not in self.inputs:
+            self.inputs[B] = _Inputs(B, self.max_blocks, self.device)
+        inputs, bs = self.inputs[B], self.cache.kv_block_size
+        pad = SeqChunk([0], 0, self.cache.scratch_slot, [self.cache.scratch_block])
+        chunks = chunks + [pad] * (B - len(chunks))
+        width = max(len(c.block_table) for c in chunks)
+        rows = []
+        for c in chunks:
+            pos = c.start + len(c.token_ids) - 1
+            rows.append([c.token_ids[-1], pos, c.slot, c.block_table[pos // bs] * bs + pos % bs, pos + 1,
+                         int(c is not pad)] + c.block_table + [0] * (width - len(c.block_table)))
+        staging = inputs.staging[:B * (6 + width)].view(B, 6 + width)
+        staging.copy_(torch.tensor(rows, dtype=torch.long))
+        inputs.device[:, :6 + width].copy_(staging, non_blocking=True)
+        inputs.batch.context_lens = [c.start + 1 for c in chunks]  # host copy: only the CPU path reads it
+        return inputs
+
+    def _wait(self) -> None:
+        """Waits for the step with a deadline: a replayed collective has no watchdog, so a dead shard would
+        otherwise hang the router in its next read of the GPU."""
+        if self.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record()
+        deadline = time.monotonic() + self.step_timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise DispatchError(f"a graphed decode step did not finish within {self.step_timeout_s}s")
+            time.sleep(0)
