@@ -297,6 +297,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                     graph.replay()
                 sync(dev)
                 raw_graph = (now() - t0) / (steps * layers)
+                graph = None  # a captured collective still alive can hang destroy_process_group
                 dist.barrier()
             if rank == 0:
                 elem = torch.empty((), dtype=dtype).element_size()

@@ -195,6 +195,7 @@ class ShardWorker:
             _collective(dist.broadcast, header, src=ROUTER_RANK)
             op, num_tokens, mode, graphed = header.tolist()
             if op == OP_SHUTDOWN:
+                self.graphs.clear()  # before the group is destroyed: a captured collective alive can hang it
                 return
             if op == OP_HEARTBEAT:
                 continue

@@ -33,7 +33,8 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, scale,
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < ctx
         page = tl.load(block_tables + b * stride_tb + pos // PAGE, mask=ok, other=0)
-        row = (page * PAGE + pos % PAGE) * KVH + g  # flat [blocks * PAGE, KVH] row of this token and kv head
+        # flat [blocks * PAGE, KVH] row of this token and kv head; int64: a cache of ~1M blocks overflows int32
+        row = (page.to(tl.int64) * PAGE + pos % PAGE) * KVH + g
         k = tl.load(k_cache + row[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_cache + row[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(qh, tl.trans(k)).to(tl.float32) * scale

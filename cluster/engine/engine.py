@@ -295,6 +295,8 @@ class Engine:
         self._inbox.put(("stop", None))
         if self._thread.is_alive():
             self._thread.join(timeout=60)
+        if self.graphs is not None:
+            self.graphs.clear()
         self.experts.close()
 
     def __enter__(self):
@@ -577,6 +579,8 @@ class Engine:
     def _recover(self) -> None:
         """Re-forms the shard group; waiting requests stay queued and run once it is back."""
         try:
+            if self.graphs is not None:
+                self.graphs.clear()  # they hold the old group's collectives
             self.experts.restart()
         except Exception as e:
             log.error("re-forming the expert-shard group failed: %s", e)
@@ -584,7 +588,5 @@ class Engine:
             time.sleep(1.0)
             return
         log.info("expert-shard group re-formed")
-        if self.graphs is not None:
-            self.graphs.clear()
         self.error = None
         self.counters["group_restarts"] += 1
