@@ -37,11 +37,16 @@ class _Inputs:
     def __init__(self, B: int, max_blocks: int, device: torch.device):
         self.device = torch.zeros(B, 6 + max_blocks, dtype=torch.long, device=device)
         self.staging = torch.zeros(B * (6 + max_blocks), dtype=torch.long, pin_memory=device.type == "cuda")
-        d = self.device
-        self.batch = ForwardBatch(input_ids=d[:, 0], positions=d[:, 1], seq_lens=[1] * B, context_lens=[1] * B,
-                                  slot_ids=d[:, 2], block_tables=d[:, 6:], slot_mapping=d[:, 3],
-                                  last_token_rows=torch.arange(B, device=device))
-        self.real_rows = d[:, 5]
+        self.last_token_rows = torch.arange(B, device=device)
+        self.context_lens = [1] * B  # host copy: only the CPU path reads it
+
+    def batch(self) -> ForwardBatch:
+        """Views of the buffer (called inside the capture: the copies made contiguous are part of the graph)."""
+        d, B = self.device, self.device.shape[0]
+        return ForwardBatch(input_ids=d[:, 0].contiguous(), positions=d[:, 1].contiguous(), seq_lens=[1] * B,
+                            context_lens=self.context_lens, slot_ids=d[:, 2].contiguous(), block_tables=d[:, 6:],
+                            slot_mapping=d[:, 3].contiguous(), last_token_rows=self.last_token_rows,
+                            decode_context_lens=d[:, 4].to(torch.int32))
 
 
 class DecodeGraphs:
@@ -74,8 +79,9 @@ class DecodeGraphs:
         graph = self.graphs.get(B)
         if graph is not None:
             graph.replay()
+            logits = self.logits[B]
         else:
-            self.logits[B] = self._forward(inputs)
+            logits = self._forward(inputs)  # this step's result: the capture below only records
             if self.device.type == "cuda":
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
@@ -84,14 +90,12 @@ class DecodeGraphs:
                     self.logits[B] = self._forward(inputs)
                 self.graphs[B] = graph
         self._wait()
-        return self.logits[B][:n]
+        return logits[:n]
 
     def _forward(self, inputs: _Inputs) -> torch.Tensor:
-        batch = inputs.batch
-        batch.decode_context_lens = inputs.device[:, 4].to(torch.int32)  # inside the graph: redone every replay
-        self.real_rows = inputs.real_rows
+        self.real_rows = inputs.device[:, 5].contiguous()
         try:
-            return self.model(batch, self.cache, self.moe)
+            return self.model(inputs.batch(), self.cache, self.moe)
         finally:
             self.real_rows = None
 
@@ -112,7 +116,7 @@ class DecodeGraphs:
         staging = inputs.staging[:B * (6 + width)].view(B, 6 + width)
         staging.copy_(torch.tensor(rows, dtype=torch.long))
         inputs.device[:, :6 + width].copy_(staging, non_blocking=True)
-        inputs.batch.context_lens = [c.start + 1 for c in chunks]  # host copy: only the CPU path reads it
+        inputs.context_lens[:] = [c.start + 1 for c in chunks]
         return inputs
 
     def _wait(self) -> None:

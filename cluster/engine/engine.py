@@ -65,9 +65,9 @@ class EngineConfig:
     padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
-    # decode steps padded to fixed sizes and replayed from CUDA graphs (None: on GPU only; see decode_graphs.py).
-    # On CPU, True runs the same padded path eagerly.
-    cuda_graphs: bool | None = None
+    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py). Opt-in for now: run on
+    # GPU with the engine and NCCL shards, not yet under Ray Serve. On CPU, True runs the same padded path eagerly.
+    cuda_graphs: bool = False
 
 
 class RequestStream:
@@ -155,7 +155,7 @@ class Engine:
         self.profile = StepProfile(self.device, config.profile)
         self.metrics = metrics or Metrics(None)
         self.graphs = None
-        if config.cuda_graphs or (config.cuda_graphs is None and self.device.type == "cuda"):
+        if config.cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.cache, self.experts, self._moe, config.max_num_seqs,
                                        config.max_model_len, self.device, config.collective_timeout_s)
         self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
