@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from cluster.engine.decode_graphs import graph_sizes
 from cluster.engine.engine import Engine, EngineConfig, QueueFull
 from cluster.engine.sampling import InvalidRequest, SamplingParams
 
@@ -50,6 +51,7 @@ def test_fixed_size_decode_steps_match_single_process_model(tiny_model, referenc
                        cuda_graphs=True)
     with Engine(cfg) as e:
         assert e.graphs.sizes == [1, 2, 4, 8]
+        assert graph_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100]
         streams = []
         for i, p in enumerate(prompts):
             streams.append(e.submit(p, GREEDY))
