@@ -235,9 +235,10 @@ def test_abort_frees_everything_and_queue_limit(tiny_model):
 
 
 def test_request_waits_for_memory_instead_of_failing(tiny_model):
-    """Two requests that cannot both fit run one after the other; one that can never fit is rejected."""
+    """Two requests that cannot both fit run one after the other; one that can never fit is rejected. (The budget
+    also holds the cache's scratch slot and KV block, which no request gets.)"""
     cfg = EngineConfig(model=str(tiny_model), max_num_seqs=4, max_model_len=4096, kv_block_size=16,
-                       cache_memory_gb=(4 * 7 * 8 * 32 * 32 * 4 + 40 * 2 * 16 * 2 * 32 * 4) / 2**30)
+                       cache_memory_gb=((4 + 1) * 7 * 8 * 32 * 32 * 4 + (40 + 1) * 2 * 16 * 2 * 32 * 4) / 2**30)
     with Engine(cfg) as e:
         assert e.cache_manager.blocks.total == 40  # 640 tokens of KV
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)

@@ -7,8 +7,8 @@ Two launches over the rows of x, which come sorted by expert:
   2. down:    y = (h w2^T) * weights, w2 [E, H, F].
 The row tiles never straddle two experts: a tile -> (expert, first row, end row) table says which rows a program
 takes. The host builds it when it holds group_sizes as a list; `grouped_swiglu_counts` builds it on the device from
-per-expert counts, for a fixed grid with empty tiles at the end (no host sync: CUDA-graph safe). Programs are ordered in groups of GROUP_M
-row tiles so that a weight tile is reused from L2 by the row tiles that need it.
+per-expert counts, for a fixed grid with empty tiles at the end (no host sync: CUDA-graph safe). Programs are
+ordered in groups of GROUP_M row tiles so that a weight tile is reused from L2 by the row tiles that need it.
 int8 weights: w13/w2 hold int8 values and per-output-channel scales (w13_scale [E, 2F], w2_scale [E, H]); the
 int8 tile is widened to bf16 (exact) before the dot and the scale is applied to the fp32 accumulator.
 """
