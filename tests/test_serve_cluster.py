@@ -1,5 +1,9 @@
 """`m1serve serve` end to end: Ray Serve router + 2 expert-shard deployments over gloo, reached with the official
-openai client and a gRPC client built from the shipped .proto; then a shard replica is killed mid-stream."""
+openai client and a gRPC client built from the shipped .proto; then a shard replica is killed mid-stream.
+
+The server runs with `--cuda-graphs on`: on CPU its decode steps take the fixed-size path eagerly (padded batches,
+`graphed` step headers the shard deployments follow with their no-sync experts), checked against the plain engine's
+tokens; the other serve tests run the default path."""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ N = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    with running_server(tiny_model, tmp_path_factory.mktemp("serve"), "--collective-timeout-s", "10") as s:
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve"), "--collective-timeout-s", "10",
+                        "--cuda-graphs", "on") as s:
         yield s
 
 
