@@ -178,6 +178,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
     import torch.distributed as dist
 
     from cluster.dispatch import PADDED_MAX_ROWS, RouterDispatcher, ShardWorker, meta_columns
+    from cluster.step_graphs import StepGraphs
 
     for k, v in NCCL_SAFE.items():
         os.environ.setdefault(k, v)
@@ -191,6 +192,19 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                             **({"device_id": dev} if dev.type == "cuda" else {}))
     N = world - 1
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    def time_steps(step, warm: int, steps: int, layers: int) -> tuple[float, float]:
+        """warm + steps calls of step(): (host seconds, seconds) per layer over the last `steps` (host = the time to
+        issue the work, no sync: near the total means the CPU sets the pace)."""
+        for i in range(warm + steps):
+            if i == warm:
+                sync(dev)
+                t0 = now()
+            step()
+        host = (now() - t0) / (steps * layers)
+        sync(dev)
+        return host, (now() - t0) / (steps * layers)
+
     width = hidden + meta_columns(dtype, top_k)
     eps = experts // N
     rows_out = []
@@ -213,28 +227,23 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                     ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
                     return None
                 disp = RouterDispatcher(N, experts, hidden, top_k, dev)
-                graph = None
-                t0 = now()
-                for i in range(warm + steps):
-                    if i == warm:
-                        sync(dev)
-                        t0 = now()
-                    disp.begin_step(T, graphed)
-                    if graph is not None:
-                        graph.replay()
-                        continue
+                graphs = StepGraphs(dev)
+
+                def moe_layers():
                     for layer in range(layers):
                         disp(layer, h, ids, weights)
-                    if graphed and dev.type == "cuda":
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            for layer in range(layers):
-                                disp(layer, h, ids, weights)
-                host = (now() - t0) / (steps * layers)  # the host's launch time: near the total = CPU-bound
-                sync(dev)
-                total = (now() - t0) / (steps * layers)
+
+                def step():
+                    disp.begin_step(T, graphed)
+                    if graphed:
+                        graphs(T, moe_layers)
+                    else:
+                        moe_layers()
+
+                timed = time_steps(step, warm, steps, layers)
+                graphs.clear()
                 disp.shutdown()
-                return host, total
+                return timed
 
             warm = 3
             timed = run_ours(warm, steps)
@@ -276,28 +285,14 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                     dist.all_to_all_single(recv_f, send_f, f_out, f_in)
                     dist.all_to_all_single(recv_b, send_b, b_out, b_in)
 
-            for i in range(warm + steps):
-                if i == warm:
-                    sync(dev)
-                    t0 = now()
-                raw_layers()
-            raw_cpu = (now() - t0) / (steps * layers)
-            sync(dev)
-            raw = (now() - t0) / (steps * layers)
+            raw_cpu, raw = time_steps(raw_layers, warm, steps, layers)
             dist.barrier()
             raw_graph = None
             if graphable and dev.type == "cuda":  # the same collectives replayed from a graph: the link's own time
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    raw_layers()
-                for i in range(warm + steps):
-                    if i == warm:
-                        sync(dev)
-                        t0 = now()
-                    graph.replay()
-                sync(dev)
-                raw_graph = (now() - t0) / (steps * layers)
-                graph = None  # a captured collective still alive can hang destroy_process_group
+                graphs = StepGraphs(dev)
+                graphs(T, raw_layers)  # run once, captured
+                raw_graph = time_steps(lambda: graphs(T, raw_layers), warm, steps, layers)[1]
+                graphs.clear()  # a captured collective still alive can hang destroy_process_group
                 dist.barrier()
             if rank == 0:
                 elem = torch.empty((), dtype=dtype).element_size()

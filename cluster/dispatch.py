@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .step_graphs import StepGraphs
+
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
 MODE_PADDED, MODE_EXACT = 0, 1
 ROUTER_RANK = 0
@@ -187,7 +189,7 @@ class ShardWorker:
         self.compute_seconds = 0.0
         self.tokens_computed = 0
         self.observe_compute = observe_compute  # called with each layer's compute seconds
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # token count -> the captured no-sync step
+        self.graphs = StepGraphs(self.device)  # token count -> the captured no-sync step
 
     def serve(self) -> None:
         while True:
@@ -195,28 +197,16 @@ class ShardWorker:
             _collective(dist.broadcast, header, src=ROUTER_RANK)
             op, num_tokens, mode, graphed = header.tolist()
             if op == OP_SHUTDOWN:
-                self.graphs.clear()  # before the group is destroyed: a captured collective alive can hang it
+                self.graphs.clear()  # before the group is destroyed
                 return
             if op == OP_HEARTBEAT:
                 continue
-            if graphed:
-                self._graphed_step(num_tokens)
+            if graphed:  # first time at this size the router runs its side eagerly too, then both capture
+                self.graphs(num_tokens, lambda: self._no_sync_step(num_tokens))
+                self.tokens_computed += num_tokens * self.num_layers
                 continue
             for layer in range(self.num_layers):
                 self._layer(layer, num_tokens, mode)
-
-    def _graphed_step(self, num_tokens: int) -> None:
-        graph = self.graphs.get(num_tokens)
-        if graph is not None:
-            graph.replay()
-        else:  # first time at this size: run it (the router runs its side eagerly too), then capture it on GPU
-            self._no_sync_step(num_tokens)
-            if self.device.type == "cuda":
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._no_sync_step(num_tokens)
-                self.graphs[num_tokens] = graph
-        self.tokens_computed += num_tokens * self.num_layers
 
     def _no_sync_step(self, num_tokens: int) -> None:
         for layer in range(self.num_layers):

@@ -18,6 +18,7 @@ import torch
 from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 
 from ..dispatch import DispatchError
+from ..step_graphs import StepGraphs
 
 
 def graph_sizes(max_batch: int) -> list[int]:
@@ -58,10 +59,8 @@ class DecodeGraphs:
         self.sizes = graph_sizes(max_batch)
         self.max_blocks = -(-max_model_len // cache.kv_block_size)
         self.step_timeout_s = step_timeout_s
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs = StepGraphs(self.device)
         self.inputs: dict[int, _Inputs] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.pool = None  # one memory pool for all graphs (they never run at the same time)
         self.real_rows: torch.Tensor | None = None  # [B] of the step being run: 1 = a sequence, 0 = padding
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
@@ -77,19 +76,7 @@ class DecodeGraphs:
         B = next(s for s in self.sizes if s >= n)
         inputs = self._load(chunks, B)
         self.experts.begin_step(B, graphed=True)
-        graph = self.graphs.get(B)
-        if graph is not None:
-            graph.replay()
-            logits = self.logits[B]
-        else:
-            logits = self._forward(inputs)  # this step's result: the capture below only records
-            if self.device.type == "cuda":
-                if self.pool is None:
-                    self.pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self.logits[B] = self._forward(inputs)
-                self.graphs[B] = graph
+        logits = self.graphs(B, lambda: self._forward(inputs))
         self._wait()
         return logits[:n]
 

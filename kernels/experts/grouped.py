@@ -218,7 +218,8 @@ def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_sc
         return y
     E = counts.shape[0]
     cfg = config or default_config(N / min(N, E))
-    table = device_tile_table(counts, cfg["BM"], -(-N // cfg["BM"]) + E), -(-N // cfg["BM"]) + E
+    max_tiles = -(-N // cfg["BM"]) + E
+    table = device_tile_table(counts, cfg["BM"], max_tiles), max_tiles
     return _launch(x, table, table, cfg, cfg, w13, w2, weights, w13_scale, w2_scale, y)
 
 
