@@ -686,6 +686,8 @@ def phase_serve(args) -> dict:
            "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
     if gpu:
         cmd += ["--dtype", "bfloat16"]
+    if args.serve_cuda_graphs:
+        cmd += ["--cuda-graphs", args.serve_cuda_graphs]
     env = dict(os.environ) | NCCL_SAFE | {"PYTHONPATH": os.pathsep.join(
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]),
         "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
@@ -1020,6 +1022,8 @@ def build_parser():
                    help="MoE layers per step in the dispatch phase, besides the checkpoint's own count")
     p.add_argument("--dispatch-profile", type=lambda s: [int(x) for x in s.split("x")], default=None,
                    help="LAYERSxTOKENS: also profile that dispatch case on every rank (tables in --work)")
+    p.add_argument("--serve-cuda-graphs", choices=["on", "off"], default=None,
+                   help="the server's --cuda-graphs (default: the CLI's default)")
     p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")

@@ -11,6 +11,8 @@ Runs a correctness gate on GPU first (fp64 recurrence / references), then times 
                      pool needs) | vLLM linear_decode_forward_triton (same slot pool, in place) | torch reference
   experts:           ours (the engine's dispatcher: Triton, or the grouped_mm path above 96 rows per expert) | ours
                      Triton only | ours int8 weight-only | torch._grouped_mm pipeline | per-expert matmul reference
+  experts graph:     decode sizes (<= 32 rows) replayed from a CUDA graph (do_bench_cudagraph), as graphed decode steps
+                     run them: ours (group sizes on the device, fixed grid) | torch._grouped_mm pipeline
 Also measures copy bandwidth and the bf16 GEMM rate, and reports each row as a fraction of its roofline floor
 t_floor = max(min_bytes / copy_bw, flops / gemm_rate). Timing: triton.testing.do_bench median (L2 flushed between
 reps), the whole table repeated --repeat times (contenders interleaved), median of the repeats and their spread.
@@ -33,11 +35,11 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.experts import grouped_swiglu  # noqa: E402
+from kernels.experts import grouped_swiglu, grouped_swiglu_no_sync  # noqa: E402
 from kernels.experts.grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton  # noqa: E402
 from kernels.experts.reference import dequantize_int8, quantize_int8  # noqa: E402
 from kernels.experts.reference import grouped_swiglu as experts_reference  # noqa: E402
@@ -105,6 +107,11 @@ def rel(a, b) -> float:
 
 def bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def graph_ms(fn) -> float:
+    """fn replayed from a CUDA graph, as the engine's graphed decode steps launch it (no Python or launch cost)."""
+    return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 # ----------------------------------------------------------------------------------------------------- ceilings
@@ -222,6 +229,12 @@ def correctness_gate() -> dict:
         rel(grouped_swiglu(x, sizes, w13, w2, wts), yg) < 1e-6
         and rel(grouped_swiglu(x[:12], small, w13, w2, wts[:12]),
                 grouped_swiglu_triton(x[:12], small, w13, w2, wts[:12])) < 1e-6)
+    # the graphed decode path: group sizes as a device tensor, 7 padding rows after them that must come out zero
+    xp = torch.cat([x, torch.randn(7, Hd, device=DEV).bfloat16()])
+    wp = torch.cat([wts, torch.rand(7, device=DEV).bfloat16()])
+    yc = grouped_swiglu_no_sync(xp, torch.tensor(sizes, device=DEV), w13, w2, wp)
+    res["experts_no_sync_relL2"] = rel(yc[:N], ref64)
+    res["experts_no_sync_pad_zero"] = bool((yc[N:] == 0).all())
     q13, s13 = quantize_int8(w13)
     q2, s2 = quantize_int8(w2)
     y8 = torch.full_like(x, float("nan"))
@@ -235,6 +248,7 @@ def correctness_gate() -> dict:
           and res["decode_o_relL2_max"] < 1e-2 and res["decode_state_relL2_max"] < 1e-2 and res["decode_untouched"]
           and res["experts_relL2"] < 1e-2 and res["experts_int8_relL2"] < 1e-2
           and res["experts_grouped_mm_relL2"] < 1e-2
+          and res["experts_no_sync_relL2"] < 1e-2 and res["experts_no_sync_pad_zero"]
           and res["dispatch_prefill_matches_kernel"] and res["experts_dispatch_matches"])
     res["pass"] = bool(ok)
     return res
@@ -500,6 +514,10 @@ class ExpertsCase:
     def engine(self):
         return lambda: grouped_swiglu(self.x, self.sizes, self.w13, self.w2, self.wts)
 
+    def engine_graphed(self):
+        counts = torch.tensor(self.sizes, device=DEV)
+        return lambda: grouped_swiglu_no_sync(self.x, counts, self.w13, self.w2, self.wts)
+
     def ours(self, **cfg):
         return lambda: grouped_swiglu_triton(self.x, self.sizes, self.w13, self.w2, self.wts, out=self.out, **cfg)
 
@@ -680,10 +698,10 @@ def main():
     timings = {}  # (section, shape, contender) -> [ms per repeat]
     meta = {}
 
-    def record(section, shape, contender, fn, nbytes, flops, err=None):
+    def record(section, shape, contender, fn, nbytes, flops, err=None, timer=bench_ms):
         key = (section, shape, contender)
         try:
-            t = bench_ms(fn)
+            t = timer(fn)
         except Exception as exc:  # noqa: BLE001 - a contender that fails is reported, not fatal
             log(f"  {section} {shape} {contender}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
             return
@@ -747,7 +765,6 @@ def main():
         for E in (4, 8):
             for M in ([1, 32, 512, 4096] if args.quick else [1, 8, 32, 128, 512, 2048, 8192]):
                 case = ExpertsCase(E, M, weights)
-                err = None
                 err = err_triton = None
                 if rep == 0:
                     ref = case.torch_ref()()
@@ -760,6 +777,13 @@ def main():
                 if info["grouped_mm"]:
                     record("experts", name, "torch._grouped_mm", case.grouped_mm(), case.bytes, case.flops)
                 record("experts", name, "per-expert matmul (reference)", case.torch_ref(), case.bytes, case.flops)
+                if M <= 32:  # decode sizes, launched the way graphed decode steps launch them
+                    err = rel(case.engine_graphed()(), ref) if rep == 0 else None
+                    record("experts graph", name, "ours (engine's graphed decode path)", case.engine_graphed(),
+                           case.bytes, case.flops, err, timer=graph_ms)
+                    if info["grouped_mm"]:
+                        record("experts graph", name, "torch._grouped_mm", case.grouped_mm(), case.bytes, case.flops,
+                               timer=graph_ms)
                 del case
         save()
 
@@ -799,12 +823,12 @@ def main():
     for s in summary:
         log(f"{s['section']:8} {s['shape']:18} speedup vs {s['vs']:38} {s['speedup']:5.2f}x   "
             f"ours at {s['floor_fraction'] * 100:3.0f}% of floor")
-    for section in ("prefill", "decode", "experts"):
+    for section in ("prefill", "decode", "experts", "experts graph"):
         sp = [s["speedup"] for s in summary if s["section"] == section]
         if sp:
             log(f"geomean speedup {section} (vs best other): {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")
     for section, vs in (("prefill", "fla chunk_simple_gla"), ("decode", "fla fused_recurrent (contiguous)"),
-                        ("experts", "torch._grouped_mm")):
+                        ("experts", "torch._grouped_mm"), ("experts graph", "torch._grouped_mm")):
         sp = [s["speedup_vs"][vs] for s in summary if s["section"] == section and vs in s["speedup_vs"]]
         if sp:
             log(f"geomean speedup {section} vs {vs}: {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")
