@@ -460,7 +460,7 @@ def _engine(args, max_model_len: int, max_num_seqs: int, graphs: bool = False):
     device = "cuda:0" if args.device == "cuda" else "cpu"
     if not graphs:
         _patch_attention_timers(device)
-    cfg = EngineConfig(model=args.model, expert_shards=args.shards, device=device,
+    cfg = EngineConfig(model=args.model, expert_shards=args.shards, router_experts=args.router_experts, device=device,
                        dtype="bfloat16" if args.device == "cuda" else None, max_num_seqs=max_num_seqs,
                        max_model_len=max_model_len, max_num_batched_tokens=args.chunk, profile=not graphs,
                        collective_timeout_s=120.0, cuda_graphs=graphs)
@@ -688,6 +688,8 @@ def phase_serve(args) -> dict:
         cmd += ["--dtype", "bfloat16"]
     if args.serve_cuda_graphs:
         cmd += ["--cuda-graphs", args.serve_cuda_graphs]
+    if args.router_experts:
+        cmd += ["--router-experts"]
     env = dict(os.environ) | NCCL_SAFE | {"PYTHONPATH": os.pathsep.join(
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]),
         "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
@@ -752,7 +754,8 @@ def phase_serve(args) -> dict:
 def decode_floor_ms(cfg, env: dict, shards: int, batch: int, context: int) -> dict | None:
     """HBM/GEMM floor of one decode step: per layer, the router's attention (weights, lightning state read+write,
     KV read) then the busiest shard's experts (each touched expert's weights once), then the LM head. Router and
-    shards run one after the other in a layer, so the floors add. Dispatch (NVLink) not included."""
+    shards run one after the other in a layer, so the floors add. Dispatch (NVLink) not included. shards: the expert
+    holders (with --router-experts the router's share is one more, computed alongside the shards')."""
     bw, rate = env.get("copy_TBps"), env.get("gemm_TFLOPs")
     if not bw or not rate:
         return None
@@ -803,6 +806,7 @@ def report(args, phase_status: dict) -> dict:
         cfg = ModelConfig.from_file(args.model)
     except Exception:
         pass
+    holders = args.shards + int(args.router_experts)  # equal shares of the experts
     L = []
     L.append(f"# GPU cluster benchmark: {card}, {date}\n")
     L.append(f"- card: **{env.get('card')}** x {env.get('cuda_devices')}, torch {env.get('torch')}, NCCL "
@@ -823,7 +827,9 @@ def report(args, phase_status: dict) -> dict:
                  f"{ck['GB_per_s']:.2f} GB/s")
     L.append(f"- roofline inputs measured on GPU 0 in the same run: copy {fmt(env.get('copy_TBps'))} TB/s "
              f"(read+write), bf16 8192^3 GEMM {fmt(env.get('gemm_TFLOPs'), 0)} TFLOP/s")
-    L.append(f"- topology: router = GPU rank 0 of the group, {args.shards} expert shards (one GPU each)")
+    L.append(f"- topology: router = GPU rank 0 of the group, {args.shards} expert shards (one GPU each)"
+             + (f"; the router holds a share of the experts too (--router-experts: {holders} equal shares)"
+                if args.router_experts else ""))
     L.append("- phases: " + ", ".join(f"{k} {v}" for k, v in phase_status.items()) + "\n")
 
     sv = (data["serve"] or {}).get("workload")
@@ -856,7 +862,7 @@ def report(args, phase_status: dict) -> dict:
         L.append("|" + "---:|" * (hdr.count("|") - 1))
         for r in rows:
             ms = r[phase_key]
-            floor = decode_floor_ms(cfg, env, args.shards, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
+            floor = decode_floor_ms(cfg, env, holders, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
                 if cfg is not None and phase_key == "decode_ms_per_step" else None
             r["decode_floor"] = floor
             wall = r["decode_ms_per_step_wall"]
@@ -896,7 +902,7 @@ def report(args, phase_status: dict) -> dict:
         L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         eager = {(r["concurrency"], r["prompt_len"]): r for r in (en or {}).get("rows") or []}
         for r in gr["rows"]:
-            floor = decode_floor_ms(cfg, env, args.shards, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
+            floor = decode_floor_ms(cfg, env, holders, r["concurrency"], r["prompt_len"] + r["max_tokens"] // 2) \
                 if cfg is not None else None
             wall = r["decode_ms_per_step_wall"]
             e = eager.get((r["concurrency"], r["prompt_len"]))
@@ -1011,6 +1017,8 @@ def build_parser():
     p.add_argument("--full-every", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--router-experts", action="store_true",
+                   help="the router holds a share of the experts too (engine, graphs, longctx and serve phases)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--serve-tokens", type=int, default=256)

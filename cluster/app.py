@@ -18,7 +18,7 @@ from .deployments import ExpertShard, Router
 ROUTER_NAME = "Router"
 ENGINE_FIELDS = ("dtype", "expert_dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_len",
                  "max_tokens_per_request", "request_timeout_s", "cache_memory_gb", "collective_timeout_s", "warmup",
-                 "cuda_graphs")
+                 "cuda_graphs", "router_experts")
 APP_NAME = "m1serve"
 
 
@@ -28,6 +28,8 @@ class AppArgs(BaseModel):
     model: str | None = Field(None, description="checkpoint folder; default: the embedded tiny demo checkpoint")
     model_name: str | None = Field(None, description="name served in /v1/models; default: the folder's name")
     expert_shards: int = Field(2, ge=0, description="expert-shard deployments; must divide the expert count")
+    router_experts: bool = Field(False, description="the router holds a share of the experts too: shards + 1 "
+                                                    "equal shares (e.g. 4 GPUs = router + 3 shards, 8 experts each)")
     router_gpus: float = Field(0, ge=0)
     gpus_per_shard: float = Field(0, ge=0)
     router_cpus: float = Field(0, ge=0)
@@ -61,11 +63,15 @@ class AppArgs(BaseModel):
             from .cli import default_model_dir
 
             self.model = str(default_model_dir())
+        if self.router_experts and not self.expert_shards:
+            raise ValueError("router_experts needs expert_shards > 0 (with none, the router holds every expert)")
         if self.expert_shards:
             cfg = ModelConfig.from_file(self.model)
-            if cfg.num_local_experts % self.expert_shards:
-                raise ValueError(f"expert_shards: {self.expert_shards} does not divide the "
-                                 f"{cfg.num_local_experts} experts of {self.model}")
+            holders = self.expert_shards + int(self.router_experts)
+            if cfg.num_local_experts % holders:
+                what = f"{self.expert_shards} shards + the router" if self.router_experts else str(self.expert_shards)
+                raise ValueError(f"expert_shards: {what} does not divide the {cfg.num_local_experts} experts of "
+                                 f"{self.model}")
         return self
 
 
@@ -82,7 +88,7 @@ def build_app(args: AppArgs | dict) -> Application:
             health_check_period_s=2, health_check_timeout_s=10,
             ray_actor_options={"num_cpus": args.cpus_per_shard, "num_gpus": args.gpus_per_shard,
                                "resources": dict(args.shard_resources), "runtime_env": runtime_env},
-        ).bind(args.model, i, args.expert_shards, args.dtype, args.expert_dtype)
+        ).bind(args.model, i, args.expert_shards, args.dtype, args.expert_dtype, args.router_experts)
         for i in range(args.expert_shards)
     ]
     router = serve.deployment(serve.ingress()(Router)).options(

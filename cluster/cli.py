@@ -29,8 +29,8 @@ def _engine_config(args, **overrides):
     from cluster.engine.engine import EngineConfig
 
     fields = dict(model=str(args.model or default_model_dir()), expert_shards=args.expert_shards,
-                  device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
-                  max_model_len=args.max_model_len)
+                  router_experts=args.router_experts, device=args.device, dtype=args.dtype,
+                  expert_dtype=args.expert_dtype, max_model_len=args.max_model_len)
     fields.update(overrides)
     return EngineConfig(**fields)
 
@@ -88,7 +88,8 @@ def cmd_serve(args) -> int:
 
     from cluster.app import APP_NAME, AppArgs, build_app
 
-    app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, max_model_len=args.max_model_len,
+    app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, router_experts=args.router_experts,
+                       max_model_len=args.max_model_len,
                        dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     def engine_args(p):
         p.add_argument("--model", help="checkpoint folder (default: the embedded tiny demo checkpoint)")
         p.add_argument("--expert-shards", type=int, default=0, help="expert-shard processes (0: experts in-process)")
+        p.add_argument("--router-experts", action="store_true",
+                       help="the router holds a share of the experts too: shards + 1 equal shares (all 4 GPUs of a "
+                            "4-GPU machine: router + 3 shards, 8 of 32 experts each)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the router's device)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
         p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the Ray Serve cluster: OpenAI HTTP + gRPC")
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny demo checkpoint)")
     p.add_argument("--expert-shards", type=int, default=2)
+    p.add_argument("--router-experts", action="store_true",
+                   help="the router holds a share of the experts too: shards + 1 equal shares (all 4 GPUs of a "
+                        "4-GPU machine: router + 3 shards, 8 of 32 experts each)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
     p.add_argument("--max-model-len", type=int, default=4096)

@@ -17,14 +17,14 @@ import ray
 import torch
 
 from model_shards.config import ModelConfig
-from model_shards.expert_part import expert_range
+from model_shards.expert_part import shard_expert_range
 from model_shards.loading import load_expert_part
 
 from .engine.async_engine import AsyncEngine
 from .engine.engine import DTYPES, Engine, EngineConfig
 from .metrics import Metrics
 from .ray_shard_group import RayShardGroup
-from .shard_group import serve_experts
+from .shard_group import load_router_share, serve_experts
 
 log = logging.getLogger("m1serve.deployments")
 
@@ -47,7 +47,7 @@ class ExpertShard:
     """Holds experts [first, last) of every layer; serves them in the router's group while it exists."""
 
     def __init__(self, model: str, shard: int, num_shards: int, dtype: str | None = None,
-                 expert_dtype: str | None = None):
+                 expert_dtype: str | None = None, router_experts: bool = False):
         setup_logging()
         self.device = replica_device()
         if self.device.type == "cpu":
@@ -56,7 +56,7 @@ class ExpertShard:
             torch.cuda.set_device(self.device)
         self.cfg = ModelConfig.from_file(model)
         self.shard = shard
-        self.first, self.last = expert_range(self.cfg.num_local_experts, num_shards, shard)
+        self.first, self.last = shard_expert_range(self.cfg.num_local_experts, num_shards, shard, router_experts)
         dt = DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         t0 = time.monotonic()
         self.experts = load_expert_part(model, self.first, self.last, dt, self.device, expert_dtype)
@@ -114,9 +114,13 @@ class Router:
             experts = None
             if shards:
                 cfg = ModelConfig.from_file(model)
+                local = None
+                if config.router_experts:
+                    dtype = DTYPES[config.dtype] if config.dtype else None
+                    local = load_router_share(model, len(shards), dtype, device, config.expert_dtype)
                 experts = RayShardGroup(shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
                                         device, ray.util.get_node_ip_address(), config.collective_timeout_s,
-                                        padded_max_rows=config.padded_dispatch_max_rows)
+                                        padded_max_rows=config.padded_dispatch_max_rows, local=local)
             return Engine(config, experts=experts, metrics=self.metrics)
 
         self.engine = await asyncio.to_thread(build)

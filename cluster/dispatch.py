@@ -1,6 +1,8 @@
 """The router <-> expert-shard protocol over one torch.distributed process group (NCCL on GPU, gloo on CPU).
 
-Rank 0 is the router; ranks 1..N are shards, shard i holding a contiguous range of experts of every layer.
+Rank 0 is the router; ranks 1..N are shards, shard i holding a contiguous range of experts of every layer. The
+router may hold the first of N+1 equal ranges itself (`local`, router_experts): it computes them between sending the
+rows and collecting the shards' answers, so they overlap the shards' compute and its GPU does not sit idle.
 Every step the router broadcasts a header (operation, token count, dispatch mode; while idle, a heartbeat header
 keeps the group's timeouts from firing); then, at each MoE layer, one collective carries the tokens' hidden states
 plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row: 24 bytes at top-2) to the
@@ -9,7 +11,8 @@ shards, and a second one brings the weighted expert outputs back.
 Two dispatch modes give the same result:
 - padded: all T rows go to every shard in one broadcast (rows routed elsewhere carry no local experts and cost the
   shard nothing), and one reduce sums the shards' [T, H] answers on the router (each token has at most top_k
-  non-zero partials, so the sum is exact whatever order the backend adds them in). Sizes are known from the header:
+  non-zero partials, so the sum is exact whatever order the backend adds them in; the router's share is its own
+  experts' partial, or zeros). Sizes are known from the header:
   no device-to-host sync per layer and no copies besides packing. The choice for decode-sized steps, where
   latency, not bytes, is the cost, and always with a single shard (it gets every token anyway).
 - exact: the router first sends each shard its token count (one tiny all_to_all plus a sync), then only the routed
@@ -75,7 +78,8 @@ class StepTimes:
     """Seconds spent per part of the MoE path, summed over layers and steps (router side)."""
 
     dispatch: float = 0.0  # packing + the all_to_all to the shards
-    experts: float = 0.0  # waiting for the shards' answer (their expert compute + the all_to_all back)
+    experts: float = 0.0  # the router's own experts, if any, and waiting for the shards' answer (their compute + the
+    # all_to_all back)
     combine: float = 0.0  # summing the answers with the routing weights applied
     layers: int = 0
     bytes_sent: int = 0
@@ -86,10 +90,13 @@ class RouterDispatcher:
     """Router side: the `moe(layer, h, ids, weights)` callable the router model runs at each MoE layer."""
 
     def __init__(self, num_shards: int, num_experts: int, hidden: int, top_k: int, device,
-                 padded_max_rows: int = PADDED_MAX_ROWS,
-                 sync_timing: bool = False):
+                 padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False, local=None):
+        """local: the router's own share of the experts (an ExpertPart holding the first of num_shards + 1 ranges),
+        or None (the shards hold them all)."""
         self.num_shards, self.hidden, self.top_k = num_shards, hidden, top_k
-        self.experts_per_shard = num_experts // num_shards
+        self.local = local
+        self.first_shard_holder = int(local is not None)  # shard s holds range s + this of the equal ranges
+        self.experts_per_holder = num_experts // (num_shards + self.first_shard_holder)
         self.device = torch.device(device)
         self.padded_max_rows = padded_max_rows
         self.sync_timing = sync_timing
@@ -136,7 +143,7 @@ class RouterDispatcher:
         assert T == self.num_tokens, "begin_step was not called with this step's token count"
         if self.graphed:  # no timing (it would sync inside a capture), bytes counted by begin_step
             _collective(dist.broadcast, pack_rows(h, ids, weights), src=ROUTER_RANK)
-            out = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+            out = self._local_share(layer, h, ids, weights)
             _collective(dist.reduce, out, dst=ROUTER_RANK)
             return out
         self._calls += 1
@@ -147,11 +154,11 @@ class RouterDispatcher:
             self.times.bytes_sent += rows.numel() * rows.element_size() * N
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
             t2 = self._time()
-            out = torch.zeros(h.shape, dtype=h.dtype, device=h.device)  # the router's own (zero) share of the sum
+            out = self._local_share(layer, h, ids, weights)  # the router's own share of the sum
             _collective(dist.reduce, out, dst=ROUTER_RANK)
             t3 = t4 = self._time()
         else:
-            shard_of = ids // self.experts_per_shard  # [T, K]
+            shard_of = ids // self.experts_per_holder - self.first_shard_holder  # [T, K]; -1: the router's own
             routed = torch.stack([(shard_of == s).any(-1) for s in range(N)])  # [N, T]
             shard_idx, token_index = routed.nonzero(as_tuple=True)  # grouped by shard, token order within
             counts = torch.zeros(N + 1, dtype=torch.long, device=h.device)
@@ -164,9 +171,10 @@ class RouterDispatcher:
             # forward: router -> shards (router receives nothing); backward: shards -> router (router sends nothing)
             _collective(dist.all_to_all_single, rows.new_empty(0, rows.shape[1]), send, [0] * (N + 1), splits)
             t2 = self._time()
+            out = self._local_share(layer, h, ids, weights)
             _collective(dist.all_to_all_single, recv_rows, h.new_empty(0, h.shape[1]), splits, [0] * (N + 1))
             t3 = self._time()
-            out = torch.zeros_like(h).index_add_(0, token_index, recv_rows)
+            out.index_add_(0, token_index, recv_rows)
             t4 = self._time()
         self.times.dispatch += t2 - t0
         self.times.experts += t3 - t2
@@ -175,6 +183,14 @@ class RouterDispatcher:
             self.times.samples.append(t4 - t0)
         self.times.layers += 1
         return out
+
+
+    def _local_share(self, layer: int, h, ids, weights) -> torch.Tensor:
+        """The router's experts' weighted outputs for every token (zeros where none of its experts is routed)."""
+        if self.local is None:
+            return torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+        forward = self.local.forward_no_sync if self.graphed else self.local.forward
+        return forward(layer, h, ids, weights)
 
 
 class ShardWorker:

@@ -128,12 +128,12 @@ class Metrics:
     def request_error(self, code: int | str) -> None:
         self.record("m1serve_request_errors", 1, code=str(code))
 
-    def expert_tokens(self, counts, experts_per_shard: int) -> None:
-        """counts: [layers, experts] tokens routed in this period (a host tensor)."""
+    def expert_tokens(self, counts, holders: list[str]) -> None:
+        """counts: [layers, experts] tokens routed in this period (a host tensor); holders: each expert's shard label."""
         totals = counts.sum(0).tolist()
         for e, n in enumerate(totals):
             if n:
-                self.record("m1serve_expert_tokens", n, shard=str(e // experts_per_shard), expert=str(e))
+                self.record("m1serve_expert_tokens", n, shard=holders[e], expert=str(e))
         if self.per_layer_experts:
             for layer, row in enumerate(counts.tolist()):
                 for e, n in enumerate(row):

@@ -20,12 +20,13 @@ log = logging.getLogger("m1serve.shards")
 class RayShardGroup(FormedGroup):
     def __init__(self, shard_handles: list, num_experts: int, hidden: int, top_k: int, device, host: str,
                  timeout_s: float = 30.0, join_timeout_s: float = 300.0, padded_max_rows: int = PADDED_MAX_ROWS,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, local=None):
+        """local: the router's own share of the experts (shard_group.load_router_share), or None."""
         self.handles, self.num_shards = list(shard_handles), len(shard_handles)
         self.device, self.host = torch.device(device), host
         self.timeout_s, self.join_timeout_s = timeout_s, join_timeout_s
         self.dispatcher = RouterDispatcher(self.num_shards, num_experts, hidden, top_k, self.device, padded_max_rows,
-                                           sync_timing)
+                                           sync_timing, local)
         self.healthy = False
         self.start()
 

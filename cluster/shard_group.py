@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model_shards.config import ModelConfig
-from model_shards.expert_part import ExpertPart, expert_range
+from model_shards.expert_part import ExpertPart, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part
 
 from .dispatch import PADDED_MAX_ROWS, DispatchError, RouterDispatcher, ShardWorker
@@ -102,7 +102,8 @@ def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: 
 
 
 def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: str, dtype: torch.dtype,
-              timeout_s: float, join_timeout_s: float, expert_dtype: str | None = None) -> None:
+              timeout_s: float, join_timeout_s: float, expert_dtype: str | None = None,
+              router_experts: bool = False) -> None:
     """Body of one expert-shard process: load its experts, then serve in the router's group."""
     device = torch.device(device)
     if device.type == "cpu":
@@ -110,7 +111,7 @@ def run_shard(model_path: str, shard: int, num_shards: int, port: int, device: s
     else:
         torch.cuda.set_device(device)
     cfg = ModelConfig.from_file(model_path)
-    first, last = expert_range(cfg.num_local_experts, num_shards, shard)
+    first, last = shard_expert_range(cfg.num_local_experts, num_shards, shard, router_experts)
     experts = load_expert_part(model_path, first, last, dtype, device, expert_dtype)
     serve_experts(experts, cfg, shard + 1, num_shards + 1, "127.0.0.1", port, device, timeout_s, join_timeout_s)
 
@@ -120,6 +121,13 @@ def _shard_process_main(*args) -> None:
         run_shard(*args)
     except DispatchError:
         os._exit(3)  # the group broke; the router sees it too and decides what happens next
+
+
+def load_router_share(model_path: str, num_shards: int, dtype: torch.dtype, device, expert_dtype: str | None = None
+                      ) -> ExpertPart:
+    """The router's own share of the experts (router_experts): the first of num_shards + 1 equal ranges."""
+    first, last = router_expert_range(ModelConfig.from_file(model_path).num_local_experts, num_shards)
+    return load_expert_part(model_path, first, last, dtype, device, expert_dtype)
 
 
 class FormedGroup:
@@ -153,13 +161,14 @@ class ProcessShardGroup(FormedGroup):
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
                  padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False, join_timeout_s: float = 300.0,
-                 expert_dtype: str | None = None):
+                 expert_dtype: str | None = None, local: ExpertPart | None = None):
+        """local: the router's own share of the experts (load_router_share), or None."""
         self.cfg = ModelConfig.from_file(model_path)
-        expert_range(self.cfg.num_local_experts, num_shards, 0)  # validates the split
+        shard_expert_range(self.cfg.num_local_experts, num_shards, 0, local is not None)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
         self.join_timeout_s, self.expert_dtype = join_timeout_s, expert_dtype
-        self.padded_max_rows, self.sync_timing = padded_max_rows, sync_timing
+        self.padded_max_rows, self.sync_timing, self.local = padded_max_rows, sync_timing, local
         self.procs: list[mp.Process] = []
         self.dispatcher: RouterDispatcher | None = None
         self.healthy = False
@@ -173,7 +182,7 @@ class ProcessShardGroup(FormedGroup):
             p = ctx.Process(target=_shard_process_main, daemon=True, name=f"m1serve-shard-{shard}",
                             args=(self.model_path, shard, self.num_shards, store.port,
                                   str(shard_device(self.device, shard)), self.dtype, self.timeout_s,
-                                  self.join_timeout_s, self.expert_dtype))
+                                  self.join_timeout_s, self.expert_dtype, self.local is not None))
             p.start()
             self.procs.append(p)
         try:
@@ -184,7 +193,7 @@ class ProcessShardGroup(FormedGroup):
             raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e
         self.dispatcher = RouterDispatcher(self.num_shards, self.cfg.num_local_experts, self.cfg.hidden_size,
                                            self.cfg.num_experts_per_tok, self.device, self.padded_max_rows,
-                                           self.sync_timing)
+                                           self.sync_timing, self.local)
         self.healthy = True
 
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:

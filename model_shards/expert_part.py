@@ -25,6 +25,18 @@ def expert_range(num_experts: int, num_shards: int, shard: int) -> tuple[int, in
     return shard * per, (shard + 1) * per
 
 
+def shard_expert_range(num_experts: int, num_shards: int, shard: int, router_experts: bool = False) -> tuple[int, int]:
+    """Expert shard `shard`'s experts. router_experts: the router's GPU holds a share too (the first of
+    num_shards + 1 equal shares), so that e.g. 4 GPUs hold 8 experts each instead of the router's GPU holding none."""
+    extra = int(router_experts)
+    return expert_range(num_experts, num_shards + extra, shard + extra)
+
+
+def router_expert_range(num_experts: int, num_shards: int) -> tuple[int, int]:
+    """The router's share when it holds one (router_experts)."""
+    return expert_range(num_experts, num_shards + 1, 0)
+
+
 class ExpertPart:
     """Weights per layer: w13 [E_local, 2F, H], w2 [E_local, H, F], in the activation dtype, or int8 with
     per-output-channel scales (w13_scale [E_local, 2F], w2_scale [E_local, H]) for weight-only int8 experts."""

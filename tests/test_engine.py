@@ -283,3 +283,8 @@ def test_int8_experts_stay_close_to_full_precision(tiny_model, reference_parts):
     rel = ((quant - full).norm() / full.norm()).item()
     assert 0 < rel < 2e-2, rel
     assert (quant.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
+
+
+def test_router_experts_needs_shards(tiny_model):
+    with pytest.raises(ValueError, match="router_experts needs expert shards"):
+        Engine(EngineConfig(model=str(tiny_model), router_experts=True), start=False)

@@ -27,19 +27,25 @@ def expected(reference_parts):
     return prompts, [greedy_reference(*reference_parts, p, GREEDY.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("shards, padded_max_rows, warmup, graphs",
-                         [(1, 512, False, False), (2, 512, False, False), (4, 512, False, False),
-                          (2, 0, False, False), (2, 512, True, False), (2, 0, False, True)],
+@pytest.mark.parametrize("shards, padded_max_rows, warmup, graphs, router_experts",
+                         [(1, 512, False, False, False), (2, 512, False, False, False), (4, 512, False, False, False),
+                          (2, 0, False, False, False), (2, 512, True, False, False), (2, 0, False, True, False),
+                          (3, 0, False, False, True), (1, 0, False, True, True)],
                          ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch", "2shards-after-warmup",
-                              "2shards-fixed-size-decode"])
-def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup, graphs):
+                              "2shards-fixed-size-decode", "router+3shards-exact-dispatch",
+                              "router+1shard-fixed-size-decode"])
+def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup, graphs,
+                                               router_experts):
     """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches,
-    `graphed` headers, the shards' no-sync expert path; prefill steps in exact mode.)"""
+    `graphed` headers, the shards' no-sync expert path; prefill steps in exact mode. router_experts: the router
+    computes the first of shards + 1 equal shares of the experts itself.)"""
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
                        padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60, warmup=warmup,
-                       cuda_graphs=graphs)
+                       cuda_graphs=graphs, router_experts=router_experts)
     with Engine(cfg) as engine:
+        local = engine.experts.dispatcher.local
+        assert (local.first, local.last) == (0, 8 // (shards + 1)) if router_experts else local is None
         assert (engine.warmup_s is not None) == warmup
         streams = []
         for i, p in enumerate(prompts):

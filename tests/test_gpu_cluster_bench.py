@@ -1,5 +1,6 @@
 """bench/gpu_cluster.py on CPU, tiny dims: the engine phase and the transformers baseline (hf phase) on the same
-checkpoint and prompts, and the report that sets them side by side."""
+checkpoint and prompts, and the report that sets them side by side. The engine runs one shard plus the router's own
+share of the experts (--router-experts), the topology that uses every GPU of a 4-GPU machine."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_cluster.py"), "--out", str(out), "--work", str(tmp_path / "w"),
            "--model", str(tmp_path / "ckpt"), "--device", "cpu", "--tiny", "--layers", "4", "--vocab", "512",
-           "--shards", "1", "--concurrency", str(CONC), "--prompt-len", str(PROMPT), "--engine-tokens", str(TOKENS),
+           "--shards", "1", "--router-experts", "--concurrency", str(CONC), "--prompt-len", str(PROMPT), "--engine-tokens", str(TOKENS),
            "--hf-max-tokens", str(TOKENS), "--phases", "ckpt,engine,graphs,hf", "--deadline-s", "500"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,3 +54,4 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
     graph_ratio = graph_rows[CONC]["decode_tok_s"] / rows[CONC]["decode_tok_s"]
     assert line.endswith(f"**{graph_ratio:.1f}x** |")
     assert "## Engine in-process with CUDA-graph decode steps" in md
+    assert "the router holds a share of the experts too (--router-experts: 2 equal shares)" in md

@@ -460,6 +460,12 @@ def test_app_builder_rejects_what_the_chart_rejects(model_dirs):
 
     with pytest.raises(ValueError, match="does not divide the 32 experts"):
         AppArgs(model=str(model_dirs["m1"]), expert_shards=5)
+    # the router's own share counts as one more holder: router + 3 shards split 32 experts, router + 2 do not
+    assert AppArgs(model=str(model_dirs["m1"]), expert_shards=3, router_experts=True).router_experts
+    with pytest.raises(ValueError, match="2 shards \\+ the router does not divide the 32 experts"):
+        AppArgs(model=str(model_dirs["m1"]), expert_shards=2, router_experts=True)
+    with pytest.raises(ValueError, match="router_experts needs expert_shards"):
+        AppArgs(model=str(model_dirs["m1"]), expert_shards=0, router_experts=True)
 
 
 # ---- metrics, network policy, test hook, NOTES -----------------------------------------------------------------------

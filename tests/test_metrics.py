@@ -52,3 +52,19 @@ def test_engine_metrics_count_what_was_served(tiny_model, warmup, graphs):
     text = generate_latest(reg).decode()
     for f in FAMILIES:  # every family is exposed with its help text
         assert f"# HELP {f.name}" in text
+
+
+def test_expert_tokens_are_labelled_with_the_expert_holder():
+    """Each expert's `shard` label is the shard holding it, or "router" for the router's own share."""
+    from cluster.engine.engine import expert_holder_labels
+
+    assert expert_holder_labels(8, 0, False) == ["0"] * 8  # all in the router process: one holder
+    assert expert_holder_labels(8, 2, False) == ["0"] * 4 + ["1"] * 4
+    assert expert_holder_labels(8, 3, True) == ["router"] * 2 + ["0"] * 2 + ["1"] * 2 + ["2"] * 2
+    metrics = Metrics("prometheus")
+    import torch
+
+    metrics.expert_tokens(torch.tensor([[1, 0, 2, 0, 0, 0, 3, 0]]), expert_holder_labels(8, 3, True))
+    assert value(metrics.registry, "m1serve_expert_tokens_total", shard="router", expert="0") == 1
+    assert value(metrics.registry, "m1serve_expert_tokens_total", shard="0", expert="2") == 2
+    assert value(metrics.registry, "m1serve_expert_tokens_total", shard="2", expert="6") == 3

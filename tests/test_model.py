@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import MODEL_CASES, Runner, random_ids, rel_err
-from model_shards.expert_part import expert_range
+from model_shards.expert_part import expert_range, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part, load_router_part
 
 TOL = 1e-4  # fp32: max |delta| / max |ref|
@@ -137,6 +137,16 @@ def test_slot_reuse_after_reset(case):
 
 
 # ---- expert sharding and checkpoint naming ------------------------------------------------------------------------
+def test_router_share_and_shard_ranges_cover_the_experts_once():
+    for shards, router in [(1, False), (4, False), (1, True), (3, True), (7, True)]:
+        ranges = ([router_expert_range(32, shards)] if router else []) + [
+            shard_expert_range(32, shards, s, router) for s in range(shards)]
+        assert [e for first, last in ranges for e in range(first, last)] == list(range(32))
+        assert len({last - first for first, last in ranges}) == 1  # equal shares
+    with pytest.raises(ValueError, match="3 does not divide the 32"):  # shards + 1 shares must divide the experts
+        shard_expert_range(32, 2, 0, router_experts=True)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_expert_subsets_sum_to_all_experts(case, k):
     E = case.cfg.num_local_experts

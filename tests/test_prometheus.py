@@ -1,8 +1,8 @@
 """Observability end to end: a real Prometheus server (Debian's package, on loopback) scrapes a running
-`m1serve serve` (2 expert shards, tiny model) through Ray's metrics export port, and its HTTP API must show exactly
-the tokens of the requests this test sent (HTTP completions, chat, a stream, gRPC, one 400). The Grafana dashboard's
-queries and the alert rules are evaluated by that server against the real series, and `promtool check metrics`
-lints our families as Ray exports them.
+`m1serve serve` (one expert shard + the router's own share of the experts, tiny model) through Ray's metrics export
+port, and its HTTP API must show exactly the tokens of the requests this test sent (HTTP completions, chat, a
+stream, gRPC, one 400). The Grafana dashboard's queries and the alert rules are evaluated by that server against the
+real series, and `promtool check metrics` lints our families as Ray exports them.
 
 The dashboard's static checks (JSON, variables, metric names) need no server and are not marked slow."""
 
@@ -104,9 +104,11 @@ def stack(tiny_model, tmp_path_factory):
     assert check.returncode == 0, check.stdout + check.stderr
     serve_log, prom_log = open(tmp / "serve.log", "w+"), open(tmp / "prometheus.log", "w+")
     # m1serve serve: metrics reported to Ray's agent every second (default 10 s). The collective timeout is raised
-    # from 30 s because an idle expert-shard group times out after it and fails the next request.
+    # from 30 s because an idle expert-shard group times out after it and fails the next request. One shard plus the
+    # router's own share of the experts (--router-experts): 4 experts each.
     serve = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model), "--expert-shards", "2",
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model), "--expert-shards", "1",
+         "--router-experts",
          "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
          "--max-num-seqs", "8", "--collective-timeout-s", "120"],
         stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -273,18 +275,18 @@ def test_prometheus_sees_the_tokens_that_were_served(stack, traffic):
     got = settle(prom, expected)
     assert got == expected
 
-    # histograms: observations in buckets, +Inf bucket == count, and the router's per-layer round trips match each
-    # shard's per-layer compute (every shard computes every MoE layer of every step)
+    # histograms: observations in buckets, +Inf bucket == count, and the router's per-layer round trips match the
+    # shard's per-layer compute (the shard computes every MoE layer of every step)
     dispatch = scalar(prom, f"sum(ray_m1serve_dispatch_latency_seconds_count{sel})")
     assert dispatch and dispatch > 0 and dispatch % cfg.num_hidden_layers == 0
     deadline = time.monotonic() + 20
     while True:
         shards = {r["metric"]["shard"]: float(r["value"][1]) for r in
                   query(prom, f"sum by (shard) (ray_m1serve_shard_compute_seconds_count{sel})")}
-        if shards == {"0": dispatch, "1": dispatch} or time.monotonic() > deadline:
+        if shards == {"0": dispatch} or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert shards == {"0": dispatch, "1": dispatch}
+    assert shards == {"0": dispatch}
     for f in FAMILIES:
         if f.kind == "histogram":
             inf = scalar(prom, f'sum(ray_{f.name}_bucket{{application="{APP}",le="+Inf"}})')
@@ -294,11 +296,12 @@ def test_prometheus_sees_the_tokens_that_were_served(stack, traffic):
             assert len(query(prom, f'count by (le) (ray_{f.name}_bucket{sel})')) == len(f.buckets) + 1, f.name
     assert scalar(prom, f"sum(ray_m1serve_dispatch_bytes_total{sel})") > 0
 
-    # expert labels: expert e lives on shard e // (experts per shard); the counts split over both shards
+    # expert labels: the router holds the first half of the experts, the shard the rest; tokens went to both
     per_expert = query(prom, f"sum by (shard, expert) (ray_m1serve_expert_tokens_total{sel})")
-    per_shard = cfg.num_local_experts // 2
-    assert all(int(r["metric"]["shard"]) == int(r["metric"]["expert"]) // per_shard for r in per_expert), per_expert
-    assert {r["metric"]["shard"] for r in per_expert} == {"0", "1"}
+    half = cfg.num_local_experts // 2
+    assert all(r["metric"]["shard"] == ("router" if int(r["metric"]["expert"]) < half else "0")
+               for r in per_expert), per_expert
+    assert {r["metric"]["shard"] for r in per_expert} == {"router", "0"}
 
     # gauges: present while the engine worked (they vanish from Ray's agent when it idles, hence *_over_time)
     window = f"[{int(time.time() - traffic['start']) + 30}s]"

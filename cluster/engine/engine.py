@@ -25,7 +25,7 @@ from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerE
 
 from ..dispatch import PADDED_MAX_ROWS, DispatchError
 from ..metrics import Metrics
-from ..shard_group import LocalExperts, ProcessShardGroup
+from ..shard_group import LocalExperts, ProcessShardGroup, load_router_share
 from .cache_manager import CacheManager
 from .decode_graphs import DecodeGraphs
 from .sampling import InvalidRequest, SamplingParams, sample
@@ -36,6 +36,12 @@ log = logging.getLogger("m1serve.engine")
 
 SLOW_STEP_S = 1.0  # a step slower than this is logged (a Triton compile for a shape the warm-up missed, a slow shard)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def expert_holder_labels(num_experts: int, shards: int, router_experts: bool) -> list[str]:
+    """Per expert, the `shard` label of its metrics: the shard's index, or "router" for the router's own share."""
+    per = num_experts // max(1, shards + int(router_experts))
+    return ["router" if router_experts and e < per else str(e // per - int(router_experts)) for e in range(num_experts)]
 
 
 class QueueFull(RuntimeError):
@@ -50,6 +56,7 @@ class EngineUnavailable(RuntimeError):
 class EngineConfig:
     model: str
     expert_shards: int = 0  # 0: experts in the router process
+    router_experts: bool = False  # with shards: the router holds a share of the experts too (1/(shards + 1) of them)
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
     expert_dtype: str | None = None  # "int8": weight-only int8 experts
@@ -138,13 +145,18 @@ class Engine:
         except TokenizerError as e:
             log.warning("no tokenizer (%s): prompts must be token ids", e)
             self.tokenizer = None
+        if config.router_experts and not config.expert_shards:
+            raise ValueError("router_experts needs expert shards (with none, the router holds every expert anyway)")
         self.model = load_router_part(config.model, self.dtype, self.device)
         if experts is not None:
             self.experts = experts
         elif config.expert_shards:
+            local = (load_router_share(config.model, config.expert_shards, self.dtype, self.device,
+                                       config.expert_dtype) if config.router_experts else None)
             self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
                                              config.collective_timeout_s, config.padded_dispatch_max_rows,
-                                             sync_timing=config.profile, expert_dtype=config.expert_dtype)
+                                             sync_timing=config.profile, expert_dtype=config.expert_dtype,
+                                             local=local)
         else:
             self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device,
                                                          expert_dtype=config.expert_dtype))
@@ -160,6 +172,8 @@ class Engine:
                                        config.max_model_len, self.device, config.collective_timeout_s)
         self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
                                           device=self.device)
+        self._expert_holders = expert_holder_labels(cfg.num_local_experts, config.expert_shards,
+                                                    config.router_experts)
         self._bytes_reported = 0
         self._gauges_time = 0.0
         self._last_collective = time.monotonic()
@@ -460,8 +474,7 @@ class Engine:
     def _record_step(self) -> None:
         m = self.metrics
         self._record_gauges()
-        shards = self.config.expert_shards or 1
-        m.expert_tokens(self._expert_counts.cpu(), self.model_config.num_local_experts // shards)
+        m.expert_tokens(self._expert_counts.cpu(), self._expert_holders)
         self._expert_counts.zero_()
         dispatcher = getattr(self.experts, "dispatcher", None)
         if dispatcher is not None:
