@@ -50,8 +50,8 @@ class AppArgs(BaseModel):
     collective_timeout_s: float = Field(30.0, gt=0)
     warmup: bool | None = Field(None, description="throwaway requests before serving, so the first users do not wait "
                                                    "for kernel compilation; default: on GPU only")
-    cuda_graphs: bool = Field(False, description="decode steps replayed from CUDA graphs at fixed batch sizes (GPU; "
-                                                "opt-in)")
+    cuda_graphs: bool | None = Field(None, description="decode steps replayed from CUDA graphs at fixed batch sizes; "
+                                                       "default: on GPU only")
     api_key_env: str | None = Field("M1SERVE_API_KEY", description="env var holding the API key (unset: no auth)")
     per_layer_expert_metrics: bool = Field(False, description="export tokens per (layer, expert): layers x experts "
                                                               "series")

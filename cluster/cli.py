@@ -96,7 +96,7 @@ def cmd_serve(args) -> int:
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,
                        warmup={"auto": None, "on": True, "off": False}[args.warmup],
-                       cuda_graphs=args.cuda_graphs == "on",
+                       cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                        shard_resources=dict(args.shard_resource),
                        env={**({} if args.address else {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}),
                             **dict(args.replica_env)})
@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout-s", type=float, default=20.0, help="on SIGTERM, time for in-flight requests")
     p.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
                    help="throwaway requests before serving (compiles the GPU kernels); auto: on GPU only")
-    p.add_argument("--cuda-graphs", choices=["on", "off"], default="off",
-                   help="replay decode steps from CUDA graphs on router and shards (GPU; opt-in: measured with the "
-                        "engine and NCCL shards, not yet under Ray Serve)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="replay decode steps from CUDA graphs on router and shards; auto: on GPU only")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -27,6 +28,11 @@ from .ray_shard_group import RayShardGroup
 from .shard_group import load_router_share, serve_experts
 
 log = logging.getLogger("m1serve.deployments")
+
+# The engine thread shares the Router replica's GIL with Serve's event loop, which is busy streaming tokens at high
+# concurrency. Every wait on the GPU releases the GIL, and taking it back from a busy thread takes up to the switch
+# interval: Python's default 5 ms is as long as a whole decode step.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def setup_logging() -> None:
@@ -104,6 +110,7 @@ class Router:
     async def __init__(self, model: str, shards: list, engine: dict, model_name: str, api_key_env: str | None = None,
                        per_layer_expert_metrics: bool = False, group_down_grace_s: float = 120.0):
         setup_logging()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         device = replica_device()
         config = EngineConfig(model=model, expert_shards=len(shards), device=str(device), **engine)
         self.api_key = os.environ.get(api_key_env) if api_key_env else None

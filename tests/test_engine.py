@@ -288,3 +288,25 @@ def test_int8_experts_stay_close_to_full_precision(tiny_model, reference_parts):
 def test_router_experts_needs_shards(tiny_model):
     with pytest.raises(ValueError, match="router_experts needs expert shards"):
         Engine(EngineConfig(model=str(tiny_model), router_experts=True), start=False)
+
+
+def test_async_stream_merges_what_a_slow_consumer_missed(engine):
+    """A consumer that falls behind gets the outputs that queued up meanwhile as one: same tokens, fewer messages."""
+    import asyncio
+
+    from cluster.engine.async_engine import AsyncEngine
+
+    want = engine.generate([5, 6, 7], GREEDY).token_ids
+
+    async def consume():
+        stream = AsyncEngine(engine, "tiny").stream([5, 6, 7], GREEDY)
+        first = await stream.__anext__()
+        wait_idle(engine)  # blocks the loop: the engine finishes the request while nobody reads
+        rest = [out async for out in stream]
+        return first, rest
+
+    first, rest = asyncio.run(consume())
+    assert len(first.token_ids) == 1 and first.prompt_token_ids == [5, 6, 7]
+    assert len(rest) == 1 and rest[0].finished and rest[0].finish_reason == "length"
+    assert first.token_ids + rest[0].token_ids == want
+    assert rest[0].num_output_tokens == GREEDY.max_tokens

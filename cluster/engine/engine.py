@@ -30,7 +30,7 @@ from .cache_manager import CacheManager
 from .decode_graphs import DecodeGraphs
 from .sampling import InvalidRequest, SamplingParams, sample
 from .scheduler import ScheduledChunk, Scheduler
-from .sequence import RequestOutput, Sequence, Sink, Status
+from .sequence import RequestOutput, Sequence, Sink, Status, merge_outputs
 
 log = logging.getLogger("m1serve.engine")
 
@@ -72,9 +72,9 @@ class EngineConfig:
     padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
-    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py). Opt-in for now: run on
-    # GPU with the engine and NCCL shards, not yet under Ray Serve. On CPU, True runs the same padded path eagerly.
-    cuda_graphs: bool = False
+    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On CPU,
+    # True runs the same padded path eagerly (what the CPU tests check).
+    cuda_graphs: bool | None = None
 
 
 class RequestStream:
@@ -95,13 +95,7 @@ class RequestStream:
         """Waits for the end and merges every output (including those already iterated) into one."""
         for _ in self:
             pass
-        token_ids, text, logprobs, first = [], [], [], self.seen[0]
-        for out in self.seen:
-            token_ids += out.token_ids
-            text.append(out.text)
-            logprobs += out.logprobs
-        return RequestOutput(self.request_id, token_ids, "".join(text), True, out.finish_reason, out.error, logprobs,
-                             first.prompt_token_ids, out.num_prompt_tokens, out.num_output_tokens)
+        return merge_outputs(self.seen)
 
     def abort(self) -> None:
         self.engine.abort(self.request_id)
@@ -167,7 +161,7 @@ class Engine:
         self.profile = StepProfile(self.device, config.profile)
         self.metrics = metrics or Metrics(None)
         self.graphs = None
-        if config.cuda_graphs:
+        if config.cuda_graphs or (config.cuda_graphs is None and self.device.type == "cuda"):
             self.graphs = DecodeGraphs(self.model, self.cache, self.experts, self._moe, config.max_num_seqs,
                                        config.max_model_len, self.device, config.collective_timeout_s)
         self._expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,

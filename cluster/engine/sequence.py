@@ -35,6 +35,16 @@ class RequestOutput:
 Sink = Callable[[RequestOutput], None]
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: tokens, text and logprobs in order, the end from the last."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first, last = outputs[0], outputs[-1]
+    return RequestOutput(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+                         last.finished, last.finish_reason, last.error, [lp for o in outputs for lp in o.logprobs],
+                         first.prompt_token_ids, last.num_prompt_tokens, last.num_output_tokens)
+
+
 @dataclass(eq=False)
 class Sequence:
     request_id: str
