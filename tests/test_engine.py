@@ -310,3 +310,34 @@ def test_async_stream_merges_what_a_slow_consumer_missed(engine):
     assert len(rest) == 1 and rest[0].finished and rest[0].finish_reason == "length"
     assert first.token_ids + rest[0].token_ids == want
     assert rest[0].num_output_tokens == GREEDY.max_tokens
+
+
+def test_decode_steps_launched_ahead_keep_tokens_finishes_and_aborts(tiny_model, reference_parts):
+    """Greedy decode steps are launched one ahead of reading back the previous step's tokens (the next step's inputs
+    come from the device): same tokens as the model, length and stop-token finishes at the right token (the row
+    computed past a stop token is dropped), aborts and late arrivals handled, everything freed at the end."""
+    prompts = [random_ids(n, 512, seed=200 + n) for n in (9, 21, 17, 5)]
+    refs = [greedy_reference(*reference_parts, p, 12) for p in prompts]
+    stop = next(t for i, t in enumerate(refs[1]) if i >= 3 and t not in refs[1][:i])  # a token first seen at i >= 3
+    cut = refs[1].index(stop) + 1
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=8, max_model_len=1024, cuda_graphs=True)
+    with Engine(cfg) as e:
+        long = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+        victim = e.submit(random_ids(12, 512, seed=1), long)
+        streams = [e.submit(prompts[0], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)),
+                   e.submit(prompts[1], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop],
+                                                       ignore_eos=True)),
+                   e.submit(prompts[2], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))]
+        next(iter(streams[2]))
+        streams.append(e.submit(prompts[3], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)))
+        outs = [s.result() for s in streams]
+        victim.abort()
+        aborted = victim.result()
+        assert e.counters["decode_steps_launched_ahead"] > 0
+        s = wait_idle(e)
+        assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0
+    assert outs[0].token_ids == refs[0][:3] and outs[0].finish_reason == "length"
+    assert outs[1].token_ids == refs[1][:cut] and outs[1].finish_reason == "stop"
+    assert outs[2].token_ids == refs[2] and outs[2].finish_reason == "length"
+    assert outs[3].token_ids == refs[3][:7] and outs[3].finish_reason == "length"
+    assert aborted.finish_reason == "abort" and 0 < aborted.num_output_tokens < 1000

@@ -7,6 +7,10 @@ and block. Its inputs are copied into that size's static buffers, the shards are
 graph is replayed: the shards replay theirs, with the same collectives. The first step at a size runs eagerly (that
 is the real step, and it compiles what needs compiling) and is captured afterwards. On CPU there are no graphs: the
 same padded, no-host-sync path runs eagerly every time, which is what the CPU tests check.
+
+`launch` can also take the input tokens as a device tensor (the previous step's greedy samples, not yet read back):
+the engine then launches step k+1 before it reads step k's tokens, and the host's per-token work (appending,
+detokenizing, streaming) overlaps the GPU's next step instead of adding to it. `PendingTokens` carries them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ class _Inputs:
 
     def __init__(self, B: int, max_blocks: int, device: torch.device):
         self.device = torch.zeros(B, 6 + max_blocks, dtype=torch.long, device=device)
-        self.staging = torch.zeros(B * (6 + max_blocks), dtype=torch.long, pin_memory=device.type == "cuda")
+        # two host buffers, used in turn: a step's copy may still be queued while the next step's inputs are written
+        self.staging = [torch.zeros(B * (6 + max_blocks), dtype=torch.long, pin_memory=device.type == "cuda")
+                        for _ in range(2)]
+        self.turn = 0
         self.last_token_rows = torch.arange(B, device=device)
         self.context_lens = [1] * B  # host copy: only the CPU path reads it
 
@@ -72,13 +79,20 @@ class DecodeGraphs:
 
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Logits [n, V] of the n one-token sequences."""
+        logits = self.launch(chunks)
+        self.wait()
+        return logits
+
+    def launch(self, chunks: list[SeqChunk], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Queues the step and returns its logits [n, V] without waiting for them. tokens: the input ids as a device
+        tensor [n], in place of the chunks' (placeholder) ones."""
         n = len(chunks)
         B = next(s for s in self.sizes if s >= n)
         inputs = self._load(chunks, B)
+        if tokens is not None:
+            inputs.device[:n, 0].copy_(tokens)
         self.experts.begin_step(B, graphed=True)
-        logits = self.graphs(B, lambda: self._forward(inputs))
-        self._wait()
-        return logits[:n]
+        return self.graphs(B, lambda: self._forward(inputs))[:n]
 
     def _forward(self, inputs: _Inputs) -> torch.Tensor:
         self.real_rows = inputs.device[:, 5].contiguous()
@@ -101,21 +115,48 @@ class DecodeGraphs:
             pos = c.start + len(c.token_ids) - 1
             rows.append([c.token_ids[-1], pos, c.slot, c.block_table[pos // bs] * bs + pos % bs, pos + 1,
                          int(c is not pad)] + c.block_table + [0] * (width - len(c.block_table)))
-        staging = inputs.staging[:B * (6 + width)].view(B, 6 + width)
+        staging = inputs.staging[inputs.turn][:B * (6 + width)].view(B, 6 + width)
+        inputs.turn ^= 1
         staging.copy_(torch.tensor(rows, dtype=torch.long))
         inputs.device[:, :6 + width].copy_(staging, non_blocking=True)
         inputs.context_lens[:] = [c.start + 1 for c in chunks]
         return inputs
 
-    def _wait(self) -> None:
-        """Waits for the step with a deadline: a replayed collective has no watchdog, so a dead shard would
-        otherwise hang the router in its next read of the GPU."""
+    def wait(self, done: torch.cuda.Event | None = None) -> None:
+        """Waits for the work queued so far (or up to `done`) with a deadline: a replayed collective has no watchdog,
+        so a dead shard would otherwise hang the router in its next read of the GPU."""
         if self.device.type != "cuda":
             return
-        done = torch.cuda.Event()
-        done.record()
+        if done is None:
+            done = torch.cuda.Event()
+            done.record()
         deadline = time.monotonic() + self.step_timeout_s
         while not done.query():
             if time.monotonic() > deadline:
                 raise DispatchError(f"a graphed decode step did not finish within {self.step_timeout_s}s")
             time.sleep(0)
+
+
+class PendingTokens:
+    """The greedy tokens of a launched step: on the device at once (the next step's inputs), on the host when
+    result() returns (it waits for this step only, not for steps queued after it)."""
+
+    def __init__(self, logits: torch.Tensor, graphs: DecodeGraphs):
+        self.graphs = graphs
+        self.device = logits.argmax(-1)
+        self.host = torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=self.device.is_cuda)
+        self.host.copy_(self.device, non_blocking=True)
+        self.done = None
+        if self.device.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def rows(self, index: list[int]) -> torch.Tensor:
+        """index as a device tensor, copied without waiting for the GPU (a pageable copy would)."""
+        rows = torch.tensor(index)
+        return rows.pin_memory().to(self.device.device, non_blocking=True) if self.device.is_cuda else rows
+
+    def result(self) -> list[int]:
+        if self.done is not None:
+            self.graphs.wait(self.done)
+        return self.host.tolist()

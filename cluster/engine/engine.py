@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_shards.batch import ForwardBatch, ModelCache
+from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 from model_shards.config import ModelConfig
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
@@ -27,7 +27,7 @@ from ..dispatch import PADDED_MAX_ROWS, DispatchError
 from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup, load_router_share
 from .cache_manager import CacheManager
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, PendingTokens
 from .sampling import InvalidRequest, SamplingParams, sample
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import RequestOutput, Sequence, Sink, Status, merge_outputs
@@ -168,6 +168,9 @@ class Engine:
                                           device=self.device)
         self._expert_holders = expert_holder_labels(cfg.num_local_experts, config.expert_shards,
                                                     config.router_experts)
+        self._expert_counts_time = 0.0  # when the expert counts were last read back (a device sync) and exported
+        # a graphed decode step whose greedy tokens are not read back yet: (its plan, its tokens)
+        self._pending: tuple[list[ScheduledChunk], PendingTokens] | None = None
         self._bytes_reported = 0
         self._gauges_time = 0.0
         self._last_collective = time.monotonic()
@@ -355,6 +358,8 @@ class Engine:
             if cmd is not None:
                 if cmd[0] == "stop":
                     self._fail_all("the engine shut down", "abort")
+                    if self.metrics.enabled:
+                        self._record_expert_counts()
                     return
                 self._apply(cmd)
                 continue  # drain the inbox before the next step
@@ -374,6 +379,8 @@ class Engine:
             self._recover()
         elif not self.scheduler.has_work():
             self._heartbeat_if_idle()
+            if self.metrics.enabled:
+                self._record_expert_counts()
         else:
             self.step()
 
@@ -408,6 +415,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         self._last_collective = time.monotonic()
+        if self._pending is not None:
+            self._step_ahead()
+            return
         plan, admitted = self.scheduler.schedule()
         if not plan:
             return
@@ -420,7 +430,11 @@ class Engine:
         sampling = [c for c in plan if c.samples]
         num_tokens = sum(len(c.token_ids) for c in chunks)
         try:
-            if self.graphs is not None and self.graphs.fits(chunks):
+            if (self.graphs is not None and self.graphs.fits(chunks) and len(plan) == len(self.scheduler.running)
+                    and all(self._argmax_only(c.seq, len(c.seq.output_ids)) for c in plan)):
+                self._pending = (plan, PendingTokens(self.graphs.launch(chunks), self.graphs))
+                sampling = []  # read back by the next step, after it has launched its own
+            elif self.graphs is not None and self.graphs.fits(chunks):
                 logits = self.graphs.run(chunks)
             else:
                 batch = ForwardBatch.build(chunks, self.config.kv_block_size, self.device)
@@ -428,10 +442,7 @@ class Engine:
                 self.experts.begin_step(num_tokens)
                 logits = self.model(batch, self.cache, self._moe, timer=self.profile)
         except DispatchError as e:
-            log.error("expert-shard group failed: %s", e)
-            self._expert_counts.zero_()  # this step's routing never completed
-            self.error = "an expert shard failed or timed out"
-            self._fail_running("an expert shard failed or timed out during this request")
+            self._group_failed(e)
             return
         for c in plan:
             c.seq.num_cached += len(c.chunk.token_ids)
@@ -444,6 +455,53 @@ class Engine:
         if seconds > SLOW_STEP_S:
             log.warning("a step of %d tokens (%d sequences) took %.1f s: a kernel compiling for a new shape, or a slow "
                         "shard", num_tokens, len(plan), seconds)
+        if self.metrics.enabled:
+            self._record_step()
+
+    # ---- decode steps launched one ahead ---------------------------------------------------------------------
+    # While all running sequences decode greedily, step k+1 is launched (its inputs: step k's tokens, still on the
+    # device) before step k's tokens are read back and processed, so that host work overlaps the GPU. A sequence that
+    # step k ends (EOS, a stop string) has one wasted row in step k+1: it wrote only into its own state slot and KV
+    # blocks, before any later step can reuse them.
+    def _argmax_only(self, seq: Sequence, num_outputs: int) -> bool:
+        """The sequence's token after num_outputs outputs is the plain argmax: nothing else is read from the logits
+        (greedy, no logprobs, no grammar, no min_tokens ban)."""
+        p = seq.params
+        return (p.greedy and p.logprobs is None and seq.guide is None and num_outputs >= p.min_tokens
+                and not self.config.profile)
+
+    def _continues(self, seq: Sequence) -> bool:
+        """After the pending step's token, the sequence needs another one (unless that token ends it)."""
+        n = len(seq.output_ids)
+        return (seq.status == Status.RUNNING and n + 2 <= seq.params.max_tokens
+                and seq.num_tokens + 1 < self.config.max_model_len and self._argmax_only(seq, n + 1))
+
+    def _step_ahead(self) -> None:
+        """Launches the next decode step from the pending one's device tokens (unless a waiting request can be
+        admitted: it gets a normal step next), then reads the pending tokens back and processes them."""
+        plan, pending = self._pending
+        self._pending = None
+        ahead = [] if self.scheduler.can_admit() else [i for i, c in enumerate(plan) if self._continues(c.seq)]
+        try:
+            if ahead:
+                nxt = [ScheduledChunk(plan[i].seq, SeqChunk([0], plan[i].seq.num_tokens, plan[i].seq.slot,
+                                                            plan[i].seq.blocks), True) for i in ahead]
+                tokens = pending.device if len(ahead) == len(plan) else pending.device[pending.rows(ahead)]
+                self._pending = (nxt, PendingTokens(self.graphs.launch([c.chunk for c in nxt], tokens), self.graphs))
+                for c in nxt:
+                    c.seq.num_cached += 1
+                self.counters["decode_steps_launched_ahead"] += 1
+                self.profile.steps += 1
+                self.profile.tokens += len(nxt)
+            tokens = pending.result()
+        except DispatchError as e:
+            self._group_failed(e)
+            return
+        live = [(c.seq, t) for c, t in zip(plan, tokens) if c.seq.status == Status.RUNNING]  # not aborted meanwhile
+        self.counters["generation_tokens"] += len(live)
+        self.metrics.record("m1serve_generation_tokens", len(live))
+        for seq, token in live:
+            self._append(seq, token, None)
         if self.metrics.enabled:
             self._record_step()
 
@@ -468,8 +526,8 @@ class Engine:
     def _record_step(self) -> None:
         m = self.metrics
         self._record_gauges()
-        m.expert_tokens(self._expert_counts.cpu(), self._expert_holders)
-        self._expert_counts.zero_()
+        if time.monotonic() - self._expert_counts_time > 0.5:
+            self._record_expert_counts()
         dispatcher = getattr(self.experts, "dispatcher", None)
         if dispatcher is not None:
             times = dispatcher.times
@@ -478,6 +536,15 @@ class Engine:
             times.samples.clear()
             m.record("m1serve_dispatch_bytes", times.bytes_sent - self._bytes_reported)
             self._bytes_reported = times.bytes_sent
+
+    def _record_expert_counts(self) -> None:
+        """Exports the tokens per expert counted on the device since the last call: reading them back waits for
+        the GPU, so this runs every 0.5 s and when the engine goes idle, not every step."""
+        self._expert_counts_time = time.monotonic()
+        counts = self._expert_counts.to("cpu", copy=True)  # (on CPU, .cpu() would be the tensor zeroed below)
+        self._expert_counts.zero_()
+        if counts.any():
+            self.metrics.expert_tokens(counts, self._expert_holders)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
         seqs = [c.seq for c in chunks]
@@ -568,11 +635,19 @@ class Engine:
         if self.metrics.enabled:
             self._record_gauges()  # a freed slot shows at once, not at the next step
 
+    def _group_failed(self, e: DispatchError) -> None:
+        log.error("expert-shard group failed: %s", e)
+        self._expert_counts.zero_()  # this step's routing never completed
+        self.error = "an expert shard failed or timed out"
+        self._fail_running("an expert shard failed or timed out during this request")
+
     def _fail_running(self, message: str) -> None:
+        self._pending = None
         for seq in list(self.scheduler.running):
             self._finish(seq, "error", message)
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
+        self._pending = None
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, reason, message if reason == "error" else None)
         while True:

@@ -37,6 +37,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """The next schedule() would admit a waiting request."""
+        return (bool(self.waiting) and len(self.running) < self.max_num_seqs
+                and self.cache.can_fit_now(self.waiting[0].max_total_tokens))
+
     def schedule(self) -> tuple[list[ScheduledChunk], list[Sequence]]:
         """Returns this step's chunks and the sequences newly admitted (whose state slots must be zeroed)."""
         budget = self.max_num_batched_tokens
