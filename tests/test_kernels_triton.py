@@ -34,8 +34,7 @@ def _run_checks() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.experts.grouped import (_tile_table, device_tile_table, grouped_swiglu_counts,
-                                         grouped_swiglu_grouped_mm, grouped_swiglu_triton)
+    from kernels.experts.grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm, grouped_swiglu_triton
     from kernels.experts.reference import dequantize_int8, quantize_int8
     from kernels.experts.reference import grouped_swiglu
     from kernels.lightning.decode import lightning_decode_pool
@@ -160,13 +159,15 @@ def _run_checks() -> dict:
             ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), wts.double())
             errs.append(_rel(y[:N], ref) if torch.isfinite(y[:N]).all() else float("inf"))
             spare_zero &= bool((y[N:] == 0).all())
+        # a one-token decode step: its row routed to the last expert only (the tile lookup's far end), 3 spare rows
+        one = torch.zeros(E, dtype=torch.long)
+        one[-1] = 1
+        y = grouped_swiglu_counts(xp[:4], one, w13, w2, wp[:4])
+        ref = grouped_swiglu(x[:1].double(), one.tolist(), w13.double(), w2.double(), wts[:1].double())
+        errs.append(_rel(y[:1], ref) if torch.isfinite(y[:1]).all() else float("inf"))
+        spare_zero &= bool((y[1:] == 0).all())
         res[f"experts_{name}_counts_err"] = max(errs)
         res[f"experts_{name}_counts_spare_zero"] = spare_zero
-        table = device_tile_table(counts, 16, -(-N // 16) + E)
-        real = table[1] < table[2]
-        host, n_host = _tile_table(sizes, 16, "cpu")
-        res[f"experts_{name}_device_table_matches"] = bool(int(real.sum()) == n_host
-                                                           and torch.equal(table[:, real], host))
         errs = []  # the GEMM-bound path: torch._grouped_mm (CPU here) around the Triton silu*mul*weight pass
         for w in (wts, None):
             y = torch.full_like(x, float("nan"))
@@ -237,7 +238,6 @@ def test_grouped_swiglu(results, case):
 @pytest.mark.parametrize("case", ["a", "b"])
 def test_grouped_swiglu_from_device_counts(results, case):
     """The CUDA-graph path: group sizes as a device tensor, a grid fixed by the row count, empty tiles exit."""
-    assert results[f"experts_{case}_device_table_matches"]
     assert results[f"experts_{case}_counts_err"] < TOL
     assert results[f"experts_{case}_counts_spare_zero"]
 

@@ -6,8 +6,9 @@ Two launches over the rows of x, which come sorted by expert:
      [BM, BN] tile of both products (two accumulators) and writes only h (bf16), so silu*mul costs no extra pass;
   2. down:    y = (h w2^T) * weights, w2 [E, H, F].
 The row tiles never straddle two experts: a tile -> (expert, first row, end row) table says which rows a program
-takes. The host builds it when it holds group_sizes as a list; `grouped_swiglu_counts` builds it on the device from
-per-expert counts, for a fixed grid with empty tiles at the end (no host sync: CUDA-graph safe). Programs are
+takes. The host builds it when it holds group_sizes as a list; with per-expert counts on the device
+(`grouped_swiglu_counts`: no host sync, CUDA-graph safe) each program derives its own tile from the counts (a prefix
+sum over at most a few dozen experts, in registers), over a fixed grid whose spare tiles exit at once. Programs are
 ordered in groups of GROUP_M row tiles so that a weight tile is reused from L2 by the row tiles that need it.
 int8 weights: w13/w2 hold int8 values and per-output-channel scales (w13_scale [E, 2F], w2_scale [E, H]); the
 int8 tile is widened to bf16 (exact) before the dot and the scale is applied to the fp32 accumulator.
@@ -45,17 +46,38 @@ def _k_offset(i, n_k, rot, BK: tl.constexpr):
     return tl.multiple_of(((i + rot) % n_k) * BK, BK)
 
 
+@triton.jit
+def _tile(tiles, pid_m, num_m_tiles, NUM_E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr):
+    """(expert, first row, end row) of row tile pid_m: from the host's table [3, num_m_tiles], or (NUM_E > 0) from
+    the NUM_E per-expert row counts at `tiles`. Past the last real tile: first row >= end row."""
+    if NUM_E == 0:
+        e = tl.load(tiles + pid_m)
+        row0 = tl.load(tiles + num_m_tiles + pid_m)
+        row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    else:
+        offs = tl.arange(0, E_PAD)
+        counts = tl.load(tiles + offs, mask=offs < NUM_E, other=0).to(tl.int32)
+        n_tiles = (counts + BM - 1) // BM
+        tile_ends = tl.cumsum(n_tiles, 0)
+        e = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)  # the expert whose tiles cover pid_m (NUM_E: none)
+        mine = offs == e
+        count = tl.sum(tl.where(mine, counts, 0), 0)
+        row1 = tl.sum(tl.where(mine, tl.cumsum(counts, 0), 0), 0)
+        first_tile = tl.sum(tl.where(mine, tile_ends - n_tiles, 0), 0)
+        row0 = row1 - count + (pid_m - first_tile) * BM
+    return e.to(tl.int64), row0, row1
+
+
 # num_m_tiles changes from step to step: unspecialised, so a new value (1, a multiple of 16) never recompiles
 # mid-serving
 @triton.jit(do_not_specialize=["num_m_tiles"])
 def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
                     stride_xm, stride_we, stride_wn, stride_hm,
-                    INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                    INT8: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr, NUM_E: tl.constexpr,
+                    E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(num_m_tiles, F, BN, GROUP_M)
-    e = tl.load(tiles + pid_m).to(tl.int64)
-    row0 = tl.load(tiles + num_m_tiles + pid_m)
-    row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    e, row0, row1 = _tile(tiles, pid_m, num_m_tiles, NUM_E, E_PAD, BM)
     if row0 >= row1:  # an empty tile of a fixed grid
         return
     rm = row0 + tl.arange(0, BM)
@@ -96,11 +118,10 @@ def _gate_up_kernel(x, w13, scale13, h, tiles, num_m_tiles, F, K,
 def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
                  stride_hm, stride_we, stride_wn, stride_ym,
                  INT8: tl.constexpr, HAS_WEIGHTS: tl.constexpr, DT: tl.constexpr, EVEN_K: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 NUM_E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(num_m_tiles, N, BN, GROUP_M)
-    e = tl.load(tiles + pid_m).to(tl.int64)
-    row0 = tl.load(tiles + num_m_tiles + pid_m)
-    row1 = tl.load(tiles + 2 * num_m_tiles + pid_m)
+    e, row0, row1 = _tile(tiles, pid_m, num_m_tiles, NUM_E, E_PAD, BM)
     if row0 >= row1:
         return
     rm = row0 + tl.arange(0, BM)
@@ -168,22 +189,6 @@ def _tile_table(group_sizes: list[int], BM: int, device) -> tuple[torch.Tensor, 
     return table, len(experts)
 
 
-def device_tile_table(counts: torch.Tensor, BM: int, max_tiles: int) -> torch.Tensor:
-    """The same table from per-expert row counts [E] on the device, without reading them back: [3, max_tiles] int32,
-    tiles past the last real one empty (first row = end row). max_tiles >= ceil(rows / BM) + E always suffices."""
-    E = counts.shape[0]
-    counts = counts.to(torch.int32)
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    n_tiles = (counts + BM - 1) // BM
-    tile_ends = torch.cumsum(n_tiles, 0, dtype=torch.int32)
-    t = torch.arange(max_tiles, device=counts.device, dtype=torch.int32)
-    e = torch.searchsorted(tile_ends, t, right=True).clamp(max=E - 1)  # the expert whose tiles cover t
-    first = ends[e] - counts[e] + (t - tile_ends[e] + n_tiles[e]) * BM
-    end = ends[e]
-    first = torch.where(t < tile_ends[-1], first, end)
-    return torch.stack([e.to(torch.int32), first, end])
-
-
 def _fit(cfg: dict, K: int) -> dict:
     cfg = dict(cfg)
     cfg["BK"] = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
@@ -204,7 +209,7 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
     cfg2 = down_config or config or default_config(rows)
     table1 = _tile_table(group_sizes, cfg1["BM"], x.device)
     table2 = table1 if cfg2["BM"] == cfg1["BM"] else _tile_table(group_sizes, cfg2["BM"], x.device)
-    return _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y)
+    return _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y, num_e=0)
 
 
 def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
@@ -218,12 +223,12 @@ def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_sc
         return y
     E = counts.shape[0]
     cfg = config or default_config(N / min(N, E))
-    max_tiles = -(-N // cfg["BM"]) + E
-    table = device_tile_table(counts, cfg["BM"], max_tiles), max_tiles
-    return _launch(x, table, table, cfg, cfg, w13, w2, weights, w13_scale, w2_scale, y)
+    table = counts.contiguous(), -(-N // cfg["BM"]) + E  # enough tiles for any split of N rows over E experts
+    return _launch(x, table, table, cfg, cfg, w13, w2, weights, w13_scale, w2_scale, y, num_e=E)
 
 
-def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y):
+def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale, y, num_e: int):
+    """num_e: 0 when the tables are the host's, else the number of per-expert counts the tables are."""
     N, Hd = x.shape
     F = w13.shape[1] // 2
     int8 = w13.dtype == torch.int8
@@ -237,6 +242,7 @@ def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale
         w2_scale = w2_scale.float().contiguous()
     DT = dot_dtype(x.dtype)
     cfg1, cfg2 = _fit(cfg1, Hd), _fit(cfg2, F)
+    e_pad = triton.next_power_of_2(max(num_e, 1))
 
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
     tiles, n_tiles = table1
@@ -244,7 +250,7 @@ def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale
     _gate_up_kernel[grid](
         x, w13, w13_scale if int8 else x, h, tiles, n_tiles, F, Hd,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        INT8=int8, DT=DT, EVEN_K=Hd % cfg1["BK"] == 0,
+        INT8=int8, DT=DT, EVEN_K=Hd % cfg1["BK"] == 0, NUM_E=num_e, E_PAD=e_pad,
         BM=cfg1["BM"], BN=cfg1["BN"], BK=cfg1["BK"], GROUP_M=cfg1["GROUP_M"],
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"])
 
@@ -253,7 +259,7 @@ def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale
     _down_kernel[grid](
         h, w2, w2_scale if int8 else h, weights if weights is not None else h, y, tiles, n_tiles, Hd, F,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        INT8=int8, HAS_WEIGHTS=weights is not None, DT=DT, EVEN_K=F % cfg2["BK"] == 0,
+        INT8=int8, HAS_WEIGHTS=weights is not None, DT=DT, EVEN_K=F % cfg2["BK"] == 0, NUM_E=num_e, E_PAD=e_pad,
         BM=cfg2["BM"], BN=cfg2["BN"], BK=cfg2["BK"], GROUP_M=cfg2["GROUP_M"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"])
     return y
