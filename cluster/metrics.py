@@ -122,8 +122,11 @@ class Metrics:
         return getattr(self._sink, "registry", None)
 
     def record(self, name: str, value: float, **labels: str) -> None:
-        if self._sink is not None and value is not None:
-            self._sink.record(name, float(value), labels)
+        if self._sink is None or value is None:
+            return
+        if not value and BY_NAME[name].kind == "counter":
+            return  # nothing to add (and Ray's Counter.inc raises on 0)
+        self._sink.record(name, float(value), labels)
 
     def request_error(self, code: int | str) -> None:
         self.record("m1serve_request_errors", 1, code=str(code))

@@ -68,3 +68,34 @@ def test_expert_tokens_are_labelled_with_the_expert_holder():
     assert value(metrics.registry, "m1serve_expert_tokens_total", shard="router", expert="0") == 1
     assert value(metrics.registry, "m1serve_expert_tokens_total", shard="0", expert="2") == 2
     assert value(metrics.registry, "m1serve_expert_tokens_total", shard="2", expert="6") == 3
+
+
+def test_zero_counter_increments_are_skipped(tiny_model, caplog):
+    """Ray's Counter.inc raises on 0: the engine's per-step counters (bytes dispatched, tokens of a step whose
+    sequences were all aborted, the last step read back after the graphed decode ran ahead) must never reach a
+    backend as 0. A sink as strict as Ray's, under the engine's graphed decode path, sees no such call."""
+    metrics = Metrics("prometheus")
+    inner = metrics._sink
+
+    class StrictSink:
+        registry = inner.registry
+
+        def record(self, name, value, labels):
+            from cluster.metrics import BY_NAME
+
+            assert value > 0 or BY_NAME[name].kind != "counter", f"{name} += {value}"
+            inner.record(name, value, labels)
+
+    metrics._sink = StrictSink()
+    metrics.record("m1serve_generation_tokens", 0)  # skipped, not raised
+    caplog.set_level("ERROR", logger="m1serve.engine")
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=4, cuda_graphs=True, expert_shards=1)
+    with Engine(cfg, metrics=metrics) as engine:
+        outs = [engine.submit(random_ids(9, 512, i), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+                for i in range(3)]
+        assert all(o.result().finish_reason == "length" for o in outs)
+        assert engine.counters["decode_steps_launched_ahead"] > 0
+        wait_idle(engine)
+        assert not engine.counters.get("requests_error")
+    assert value(metrics.registry, "m1serve_generation_tokens_total") == 18
+    assert "engine step failed" not in caplog.text
