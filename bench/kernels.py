@@ -640,6 +640,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="also sweep kernel configs (adds a few minutes)")
     ap.add_argument("--quick", action="store_true", help="small subset of shapes")
+    ap.add_argument("--sections", default="prefill,decode,experts", help="which timing sections to run")
     ap.add_argument("--tune-only", action="store_true", help="run the gate and the sweeps, skip the timing table")
     ap.add_argument("--deadline-s", type=float, default=0,
                     help="skip further timing passes once another would end past this many seconds of timing")
@@ -716,7 +717,8 @@ def main():
             log(f"-- timing pass {rep + 1}/{args.repeat} skipped: it would end past --deadline-s {args.deadline_s:.0f}")
             break
         log(f"-- timing pass {rep + 1}/{args.repeat}")
-        for name, lens, heads in prefill_cases(args.quick):
+        sections = args.sections.split(",")
+        for name, lens, heads in prefill_cases(args.quick) if "prefill" in sections else []:
             case = PrefillCase(lens, heads)
             err = None
             if chunk_simple_gla is not None and rep == 0:
@@ -736,7 +738,7 @@ def main():
             del case
             torch.cuda.empty_cache()
         pool = torch.zeros(DecodeCase.POOL_SLOTS, HEADS, HEAD_DIM, HEAD_DIM, device=DEV)
-        for B in ([1, 64, 256] if args.quick else [1, 16, 64, 256, 1024]):
+        for B in ([1, 64, 256] if args.quick else [1, 16, 64, 256, 1024]) if "decode" in sections else []:
             case = DecodeCase(B, pool)
             err = None
             if rep == 0:
@@ -762,8 +764,8 @@ def main():
             if args.tune:
                 result["tune"].update(expert_tune(weights, log))
                 save()
-        for E in (4, 8):
-            for M in ([1, 32, 512, 4096] if args.quick else [1, 8, 32, 128, 512, 2048, 8192]):
+        for E in (4, 8) if "experts" in sections else ():
+            for M in ([1, 8, 32, 512, 4096] if args.quick else [1, 8, 32, 128, 512, 2048, 8192]):
                 case = ExpertsCase(E, M, weights)
                 err = err_triton = None
                 if rep == 0:

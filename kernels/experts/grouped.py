@@ -223,7 +223,9 @@ def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_sc
         return y
     E = counts.shape[0]
     cfg = config or default_config(N / min(N, E))
-    table = counts.contiguous(), -(-N // cfg["BM"]) + E  # enough tiles for any split of N rows over E experts
+    # tiles for any split of N rows over E experts: sum ceil(c / BM) <= N // BM + (experts with rows) (one-token
+    # steps: exactly one tile, no spare programs)
+    table = counts.contiguous(), N // cfg["BM"] + min(N, E)
     return _launch(x, table, table, cfg, cfg, w13, w2, weights, w13_scale, w2_scale, y, num_e=E)
 
 
