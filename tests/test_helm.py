@@ -38,6 +38,7 @@ CASES = {
     "cpu-demo-with-monitoring-crds": (["values-cpu-demo.yaml"], [], [MONITORING]),
     "one-shard": ([], ["--set", "shards.count=1"], [MONITORING]),
     "eight-shards-two-pods": ([], ["--set", "shards.count=8,shards.pods=2"], []),
+    "router-experts-seven-shards": ([], ["--set", "router.experts=true,shards.count=7"], []),
     "32-shards-half-gpu": ([], ["--set", "shards.count=32,shards.pods=2,shards.gpusPerShard=0.5"], []),
     "networkpolicy-apikey-hostpath": ([], [
         "--set", "networkPolicy.enabled=true,apiKey.existingSecret=m1serve-api-key,weights.source=hostPath",
@@ -417,7 +418,8 @@ def build_from_serve_config(app_cfg: dict, model_dir: Path):
 
 
 @pytest.mark.parametrize("case", ["default", "h200-bf16", "h100-int8", "cpu-demo", "one-shard",
-                                  "32-shards-half-gpu", "networkpolicy-apikey-hostpath", "image-weights-minimal"])
+                                  "32-shards-half-gpu", "networkpolicy-apikey-hostpath", "image-weights-minimal",
+                                  "router-experts-seven-shards"])
 def test_app_builder_loads_serve_config(rendered, model_dirs, case):
     from ray.serve import Application
 
@@ -438,10 +440,13 @@ def test_app_builder_loads_serve_config(rendered, model_dirs, case):
     assert router.name == "Router"
     shards = router.init_args[1]
     assert [s._bound_deployment.name for s in shards] == [f"ExpertShard{i}" for i in range(values["shards"]["count"])]
+    router_experts = bool(values["router"].get("experts"))
+    assert router.init_args[2]["router_experts"] is router_experts  # the engine config
     for s in shards:
         opts = s._bound_deployment.ray_actor_options
         assert opts["num_gpus"] == values["shards"]["gpusPerShard"]
         assert opts["resources"] == {"m1serve_shard": 1}
+        assert s._bound_deployment.init_args[5] is router_experts  # ExpertShard(..., router_experts)
     assert router.init_args[3] == (values["model"]["name"] or Path(values["model"]["path"]).name)  # served name
     # The serveConfigV2 override replaces the Router's ray_actor_options whole: it must equal the builder's own
     # options plus the pinning resource, or the override would silently change the Router.
@@ -594,6 +599,10 @@ BAD = {
     "fractional-router-gpus": (["--set", "router.gpus=0.5"], r"/router/gpus.*want integer"),
     "zero-shards": (["--set", "shards.count=0"], r"/shards/count.*minimum"),
     "pods-not-dividing-shards": (["--set", "shards.pods=3"], r"shards\.pods=3 does not divide shards\.count=8"),
+    "router-experts-not-dividing": (["--set", "router.experts=true"],
+                                    r"shards\.count=8 plus the router's share \(router\.experts=true\) make 9 equal "
+                                    r"shares, which do not divide model\.numExperts=32.*Valid shard counts with "
+                                    r"router\.experts: 1, 3, 7, 15, 31"),
     "fractional-gpus-per-pod": (["--set", "shards.gpusPerShard=0.5,shards.pods=8"],
                                 r"each shard pod would need 0\.5 GPUs"),
     "missing-claim": (["--set", "weights.pvc.claimName="], r"/weights/pvc/claimName.*minLength"),

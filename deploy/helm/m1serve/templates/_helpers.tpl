@@ -74,7 +74,11 @@ app.kubernetes.io/part-of: m1serve
 {{- if ne (float64 $shards) (float64 .Values.shards.count) }}
 {{- fail (printf "\n\nm1serve: shards.count=%v must be a whole number." .Values.shards.count) }}
 {{- end }}
-{{- if mod $experts $shards }}
+{{- if and .Values.router.experts (mod $experts (add $shards 1)) }}
+{{- $ok := list }}
+{{- range $d := untilStep 2 (int (add $experts 1)) 1 }}{{- if not (mod $experts $d) }}{{- $ok = append $ok (sub $d 1) }}{{- end }}{{- end }}
+{{- fail (printf "\n\nm1serve: shards.count=%d plus the router's share (router.experts=true) make %d equal shares, which do not divide model.numExperts=%d. Valid shard counts with router.experts: %s." $shards (add $shards 1) $experts (join ", " $ok)) }}
+{{- else if and (not .Values.router.experts) (mod $experts $shards) }}
 {{- $ok := list }}
 {{- range $d := untilStep 1 (int (add $experts 1)) 1 }}{{- if not (mod $experts $d) }}{{- $ok = append $ok $d }}{{- end }}{{- end }}
 {{- fail (printf "\n\nm1serve: shards.count=%d does not divide model.numExperts=%d: every expert shard must hold the same number of experts. Valid shard counts: %s." $shards $experts (join ", " $ok)) }}
@@ -147,6 +151,7 @@ app.kubernetes.io/part-of: m1serve
       "api_key_env" "M1SERVE_API_KEY" }}
 {{- if $m.dtype }}{{- $_ := set $args "dtype" $m.dtype }}{{- end }}
 {{- if $m.expertDtype }}{{- $_ := set $args "expert_dtype" $m.expertDtype }}{{- end }}
+{{- if $v.router.experts }}{{- $_ := set $args "router_experts" true }}{{- end }}
 {{- if not (kindIs "invalid" $m.cacheMemoryGB) }}{{- $_ := set $args "cache_memory_gb" (float64 $m.cacheMemoryGB) }}{{- end }}
 {{- if $m.env }}{{- $_ := set $args "env" $m.env }}{{- end }}
 {{- $args = merge (deepCopy (default dict $m.extraArgs)) $args }}
