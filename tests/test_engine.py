@@ -341,3 +341,26 @@ def test_decode_steps_launched_ahead_keep_tokens_finishes_and_aborts(tiny_model,
     assert outs[2].token_ids == refs[2] and outs[2].finish_reason == "length"
     assert outs[3].token_ids == refs[3][:7] and outs[3].finish_reason == "length"
     assert aborted.finish_reason == "abort" and 0 < aborted.num_output_tokens < 1000
+
+
+def test_sampled_requests_also_run_ahead_and_seeded_ones_stay_reproducible(tiny_model):
+    """Unseeded sampled requests are drawn on the device, so their decode steps are launched ahead too; a seeded
+    request in the same batch (its own generator: the plain path) gives the same tokens as alone."""
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=8, max_model_len=1024, cuda_graphs=True)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
+    with Engine(cfg) as e:
+        alone = e.generate(random_ids(6, 512, seed=3), seeded).token_ids
+        before = e.counters["decode_steps_launched_ahead"]
+        sampled = [e.submit(random_ids(9, 512, seed=i), SamplingParams(max_tokens=n, temperature=0.8, top_k=50,
+                                                                        ignore_eos=True))
+                   for i, n in enumerate((5, 12, 9))]
+        outs = [s.result() for s in sampled]
+        ahead = e.counters["decode_steps_launched_ahead"] - before
+        mixed = [e.submit(random_ids(6, 512, seed=3), seeded), e.submit(random_ids(9, 512, seed=4), GREEDY)]
+        together = mixed[0].result().token_ids
+        mixed[1].result()
+        s = wait_idle(e)
+    assert [o.num_output_tokens for o in outs] == [5, 12, 9] and all(o.finish_reason == "length" for o in outs)
+    assert ahead > 0
+    assert together == alone
+    assert s["slots_used"] == 0 and s["kv_blocks_used"] == 0

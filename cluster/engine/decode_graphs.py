@@ -8,7 +8,7 @@ graph is replayed: the shards replay theirs, with the same collectives. The firs
 is the real step, and it compiles what needs compiling) and is captured afterwards. On CPU there are no graphs: the
 same padded, no-host-sync path runs eagerly every time, which is what the CPU tests check.
 
-`launch` can also take the input tokens as a device tensor (the previous step's greedy samples, not yet read back):
+`launch` can also take the input tokens as a device tensor (the previous step's samples, not yet read back):
 the engine then launches step k+1 before it reads step k's tokens, and the host's per-token work (appending,
 detokenizing, streaming) overlaps the GPU's next step instead of adding to it. `PendingTokens` carries them.
 """
@@ -23,6 +23,7 @@ from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 
 from ..dispatch import DispatchError
 from ..step_graphs import StepGraphs
+from .sampling import SamplingParams, sample_on_device
 
 
 def graph_sizes(max_batch: int) -> list[int]:
@@ -138,12 +139,12 @@ class DecodeGraphs:
 
 
 class PendingTokens:
-    """The greedy tokens of a launched step: on the device at once (the next step's inputs), on the host when
-    result() returns (it waits for this step only, not for steps queued after it)."""
+    """The tokens of a launched step, drawn on the device (argmax or sample_on_device): there at once (the next
+    step's inputs), on the host when result() returns (it waits for this step only, not for steps queued after it)."""
 
-    def __init__(self, logits: torch.Tensor, graphs: DecodeGraphs):
+    def __init__(self, logits: torch.Tensor, params: list[SamplingParams], graphs: DecodeGraphs):
         self.graphs = graphs
-        self.device = logits.argmax(-1)
+        self.device = sample_on_device(logits, params)
         self.host = torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=self.device.is_cuda)
         self.host.copy_(self.device, non_blocking=True)
         self.done = None

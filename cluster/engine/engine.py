@@ -431,8 +431,9 @@ class Engine:
         num_tokens = sum(len(c.token_ids) for c in chunks)
         try:
             if (self.graphs is not None and self.graphs.fits(chunks) and len(plan) == len(self.scheduler.running)
-                    and all(self._argmax_only(c.seq, len(c.seq.output_ids)) for c in plan)):
-                self._pending = (plan, PendingTokens(self.graphs.launch(chunks), self.graphs))
+                    and all(self._sampled_on_device(c.seq, len(c.seq.output_ids)) for c in plan)):
+                self._pending = (plan, PendingTokens(self.graphs.launch(chunks), [c.seq.params for c in plan],
+                                                     self.graphs))
                 sampling = []  # read back by the next step, after it has launched its own
             elif self.graphs is not None and self.graphs.fits(chunks):
                 logits = self.graphs.run(chunks)
@@ -459,22 +460,24 @@ class Engine:
             self._record_step()
 
     # ---- decode steps launched one ahead ---------------------------------------------------------------------
-    # While all running sequences decode greedily, step k+1 is launched (its inputs: step k's tokens, still on the
-    # device) before step k's tokens are read back and processed, so that host work overlaps the GPU. A sequence that
+    # While every running sequence's next token can be drawn on the device (greedy, or sampled without a seed), step
+    # k+1 is launched (its inputs: step k's tokens, still on the device) before step k's tokens are read back and
+    # processed, so that host work overlaps the GPU. A sequence that
     # step k ends (EOS, a stop string) has one wasted row in step k+1: it wrote only into its own state slot and KV
     # blocks, before any later step can reuse them.
-    def _argmax_only(self, seq: Sequence, num_outputs: int) -> bool:
-        """The sequence's token after num_outputs outputs is the plain argmax: nothing else is read from the logits
-        (greedy, no logprobs, no grammar, no min_tokens ban)."""
+    def _sampled_on_device(self, seq: Sequence, num_outputs: int) -> bool:
+        """The sequence's token after num_outputs outputs can be drawn on the device with the batch's
+        (sampling.sample_on_device) and nothing else is read from the logits: no seed (its own generator), no
+        logprobs, no grammar, no min_tokens ban."""
         p = seq.params
-        return (p.greedy and p.logprobs is None and seq.guide is None and num_outputs >= p.min_tokens
+        return (seq.generator is None and p.logprobs is None and seq.guide is None and num_outputs >= p.min_tokens
                 and not self.config.profile)
 
     def _continues(self, seq: Sequence) -> bool:
         """After the pending step's token, the sequence needs another one (unless that token ends it)."""
         n = len(seq.output_ids)
         return (seq.status == Status.RUNNING and n + 2 <= seq.params.max_tokens
-                and seq.num_tokens + 1 < self.config.max_model_len and self._argmax_only(seq, n + 1))
+                and seq.num_tokens + 1 < self.config.max_model_len and self._sampled_on_device(seq, n + 1))
 
     def _step_ahead(self) -> None:
         """Launches the next decode step from the pending one's device tokens (unless a waiting request can be
@@ -487,7 +490,8 @@ class Engine:
                 nxt = [ScheduledChunk(plan[i].seq, SeqChunk([0], plan[i].seq.num_tokens, plan[i].seq.slot,
                                                             plan[i].seq.blocks), True) for i in ahead]
                 tokens = pending.device if len(ahead) == len(plan) else pending.device[pending.rows(ahead)]
-                self._pending = (nxt, PendingTokens(self.graphs.launch([c.chunk for c in nxt], tokens), self.graphs))
+                logits = self.graphs.launch([c.chunk for c in nxt], tokens)
+                self._pending = (nxt, PendingTokens(logits, [c.seq.params for c in nxt], self.graphs))
                 for c in nxt:
                     c.seq.num_cached += 1
                 self.counters["decode_steps_launched_ahead"] += 1

@@ -68,6 +68,9 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+_ARGMAX = SamplingParams(temperature=0.0)  # stands in for seeded rows in the batched draw
+
+
 @dataclass
 class TokenLogprobs:
     token_id: int
@@ -88,6 +91,40 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def _device_tensor(values: list, device: torch.device, dtype=None) -> torch.Tensor:
+    """A small host list on `device` without waiting for the GPU (a pageable copy would)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One token per row [B] (int64), left on the logits' device with no host sync: greedy rows take the argmax, the
+    others draw from softmax(logits / temperature) within their top-k / top-p, all rows at once, from the device's
+    default generator (rows with a seed have their own generator: `sample` draws those one by one)."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    dev = logits.device
+    picked = [params[i] for i in rows]
+    index = _device_tensor(rows, dev)
+    sub = logits[index] / _device_tensor([p.temperature for p in picked], dev, torch.float32)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in picked):
+        V = sub.shape[-1]
+        ranked, order = sub.sort(-1, descending=True)
+        rank = torch.arange(V, device=dev)
+        k = _device_tensor([p.top_k if p.top_k > 0 else V for p in picked], dev)
+        ranked = ranked.masked_fill(rank >= k[:, None], float("-inf"))
+        probs = ranked.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the best one always stays)
+        top_p = _device_tensor([p.top_p for p in picked], dev, torch.float32)
+        ranked = ranked.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
+        sub = torch.full_like(sub, float("-inf")).scatter(1, order, ranked)
+    tokens[index] = torch.multinomial(sub.softmax(-1), 1).squeeze(-1)
+    return tokens
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            banned: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits [B, V] fp32 -> one token per row. banned[i]: token ids row i may not pick yet (min_tokens)."""
@@ -95,16 +132,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for i, ids in enumerate(banned):
         if ids:
             logits[i, ids] = float("-inf")
-    tokens = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if p.greedy:
+    tokens = sample_on_device(logits, [p if g is None else _ARGMAX for p, g in zip(params, generators)])
+    for i, (p, gen) in enumerate(zip(params, generators)):  # seeded rows: each from its own generator
+        if p.greedy or gen is None:
             continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        gen = generators[i]
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
-        tokens[i] = torch.multinomial(probs, 1, generator=gen).item()
+        probs = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+        tokens[i] = torch.multinomial(probs.to(gen.device), 1, generator=gen).item()
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
