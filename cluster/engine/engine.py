@@ -462,9 +462,8 @@ class Engine:
     # ---- decode steps launched one ahead ---------------------------------------------------------------------
     # While every running sequence's next token can be drawn on the device (greedy, or sampled without a seed), step
     # k+1 is launched (its inputs: step k's tokens, still on the device) before step k's tokens are read back and
-    # processed, so that host work overlaps the GPU. A sequence that
-    # step k ends (EOS, a stop string) has one wasted row in step k+1: it wrote only into its own state slot and KV
-    # blocks, before any later step can reuse them.
+    # processed, so that host work overlaps the GPU. A sequence that step k ends (EOS, a stop string) has one wasted
+    # row in step k+1: it wrote only into its own state slot and KV blocks, before any later step can reuse them.
     def _sampled_on_device(self, seq: Sequence, num_outputs: int) -> bool:
         """The sequence's token after num_outputs outputs can be drawn on the device with the batch's
         (sampling.sample_on_device) and nothing else is read from the logits: no seed (its own generator), no
@@ -487,8 +486,8 @@ class Engine:
         ahead = [] if self.scheduler.can_admit() else [i for i, c in enumerate(plan) if self._continues(c.seq)]
         try:
             if ahead:
-                nxt = [ScheduledChunk(plan[i].seq, SeqChunk([0], plan[i].seq.num_tokens, plan[i].seq.slot,
-                                                            plan[i].seq.blocks), True) for i in ahead]
+                seqs = [plan[i].seq for i in ahead]  # each one's next input: the pending token, at num_tokens
+                nxt = [ScheduledChunk(s, SeqChunk([0], s.num_tokens, s.slot, s.blocks), True) for s in seqs]
                 tokens = pending.device if len(ahead) == len(plan) else pending.device[pending.rows(ahead)]
                 logits = self.graphs.launch([c.chunk for c in nxt], tokens)
                 self._pending = (nxt, PendingTokens(logits, [c.seq.params for c in nxt], self.graphs))
