@@ -483,7 +483,7 @@ def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_s
             result["rows"].append(row)
             save(args, name, result)  # partial results survive a later hang
             print(f"[{name}] conc={c} prompt={p} out={m}: decode {row['decode_tok_s']:.1f} tok/s, "
-                  f"{row['decode_ms_per_step']['total']:.2f} ms/step ({now() - t0:.1f}s)", flush=True)
+                  f"{row['decode_ms_per_step_wall']:.2f} ms/step wall ({now() - t0:.1f}s)", flush=True)
     finally:
         engine.shutdown()
     return result

@@ -710,6 +710,7 @@ def main():
         if key not in meta or err is not None:  # the cross-check error is computed on the first pass only
             meta[key] = (nbytes, flops, err)
 
+    sections = args.sections.split(",")
     t_start = time.time()
     for rep in range(args.repeat):
         elapsed = time.time() - t_start
@@ -717,7 +718,6 @@ def main():
             log(f"-- timing pass {rep + 1}/{args.repeat} skipped: it would end past --deadline-s {args.deadline_s:.0f}")
             break
         log(f"-- timing pass {rep + 1}/{args.repeat}")
-        sections = args.sections.split(",")
         for name, lens, heads in prefill_cases(args.quick) if "prefill" in sections else []:
             case = PrefillCase(lens, heads)
             err = None
@@ -737,7 +737,9 @@ def main():
                 record("prefill", name, "torch reference", case.torch_ref(), case.bytes, case.flops)
             del case
             torch.cuda.empty_cache()
-        pool = torch.zeros(DecodeCase.POOL_SLOTS, HEADS, HEAD_DIM, HEAD_DIM, device=DEV)
+        pool = None
+        if "decode" in sections:
+            pool = torch.zeros(DecodeCase.POOL_SLOTS, HEADS, HEAD_DIM, HEAD_DIM, device=DEV)
         for B in ([1, 64, 256] if args.quick else [1, 16, 64, 256, 1024]) if "decode" in sections else []:
             case = DecodeCase(B, pool)
             err = None

@@ -184,7 +184,6 @@ class RouterDispatcher:
         self.times.layers += 1
         return out
 
-
     def _local_share(self, layer: int, h, ids, weights) -> torch.Tensor:
         """The router's experts' weighted outputs for every token (zeros where none of its experts is routed)."""
         if self.local is None:

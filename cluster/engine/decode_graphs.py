@@ -152,11 +152,6 @@ class PendingTokens:
             self.done = torch.cuda.Event()
             self.done.record()
 
-    def rows(self, index: list[int]) -> torch.Tensor:
-        """index as a device tensor, copied without waiting for the GPU (a pageable copy would)."""
-        rows = torch.tensor(index)
-        return rows.pin_memory().to(self.device.device, non_blocking=True) if self.device.is_cuda else rows
-
     def result(self) -> list[int]:
         if self.done is not None:
             self.graphs.wait(self.done)

@@ -20,6 +20,7 @@ import torch
 
 from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 from model_shards.config import ModelConfig
+from model_shards.expert_part import shard_expert_range
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
@@ -28,7 +29,7 @@ from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup, load_router_share
 from .cache_manager import CacheManager
 from .decode_graphs import DecodeGraphs, PendingTokens
-from .sampling import InvalidRequest, SamplingParams, sample
+from .sampling import InvalidRequest, SamplingParams, device_tensor, sample
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import RequestOutput, Sequence, Sink, Status, merge_outputs
 
@@ -39,9 +40,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def expert_holder_labels(num_experts: int, shards: int, router_experts: bool) -> list[str]:
-    """Per expert, the `shard` label of its metrics: the shard's index, or "router" for the router's own share."""
-    per = num_experts // max(1, shards + int(router_experts))
-    return ["router" if router_experts and e < per else str(e // per - int(router_experts)) for e in range(num_experts)]
+    """Per expert, the `shard` label of its metrics: the shard's index, or "router" for the router's own share (all
+    experts in the router process: "0")."""
+    if not shards:
+        return ["0"] * num_experts
+    labels = ["router"] * num_experts  # what no shard holds: the router's share
+    for s in range(shards):
+        first, last = shard_expert_range(num_experts, shards, s, router_experts)
+        labels[first:last] = [str(s)] * (last - first)
+    return labels
 
 
 class QueueFull(RuntimeError):
@@ -72,8 +79,8 @@ class EngineConfig:
     padded_dispatch_max_rows: int = PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
-    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On CPU,
-    # True runs the same padded path eagerly (what the CPU tests check).
+    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On
+    # CPU, True runs the same padded path eagerly (what the CPU tests check).
     cuda_graphs: bool | None = None
 
 
@@ -429,13 +436,14 @@ class Engine:
         chunks = [c.chunk for c in plan]
         sampling = [c for c in plan if c.samples]
         num_tokens = sum(len(c.token_ids) for c in chunks)
+        graphed = self.graphs is not None and self.graphs.fits(chunks)
         try:
-            if (self.graphs is not None and self.graphs.fits(chunks) and len(plan) == len(self.scheduler.running)
+            if (graphed and len(plan) == len(self.scheduler.running)
                     and all(self._sampled_on_device(c.seq, len(c.seq.output_ids)) for c in plan)):
                 self._pending = (plan, PendingTokens(self.graphs.launch(chunks), [c.seq.params for c in plan],
                                                      self.graphs))
                 sampling = []  # read back by the next step, after it has launched its own
-            elif self.graphs is not None and self.graphs.fits(chunks):
+            elif graphed:
                 logits = self.graphs.run(chunks)
             else:
                 batch = ForwardBatch.build(chunks, self.config.kv_block_size, self.device)
@@ -488,7 +496,8 @@ class Engine:
             if ahead:
                 seqs = [plan[i].seq for i in ahead]  # each one's next input: the pending token, at num_tokens
                 nxt = [ScheduledChunk(s, SeqChunk([0], s.num_tokens, s.slot, s.blocks), True) for s in seqs]
-                tokens = pending.device if len(ahead) == len(plan) else pending.device[pending.rows(ahead)]
+                tokens = (pending.device if len(ahead) == len(plan)
+                          else pending.device[device_tensor(ahead, pending.device.device)])
                 logits = self.graphs.launch([c.chunk for c in nxt], tokens)
                 self._pending = (nxt, PendingTokens(logits, [c.seq.params for c in nxt], self.graphs))
                 for c in nxt:

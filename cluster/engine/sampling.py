@@ -91,7 +91,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def _device_tensor(values: list, device: torch.device, dtype=None) -> torch.Tensor:
+def device_tensor(values: list, device: torch.device, dtype=None) -> torch.Tensor:
     """A small host list on `device` without waiting for the GPU (a pageable copy would)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
@@ -108,17 +108,17 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams]) -> torc
         return tokens
     dev = logits.device
     picked = [params[i] for i in rows]
-    index = _device_tensor(rows, dev)
-    sub = logits[index] / _device_tensor([p.temperature for p in picked], dev, torch.float32)[:, None]
+    index = device_tensor(rows, dev)
+    sub = logits[index] / device_tensor([p.temperature for p in picked], dev, torch.float32)[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in picked):
         V = sub.shape[-1]
         ranked, order = sub.sort(-1, descending=True)
         rank = torch.arange(V, device=dev)
-        k = _device_tensor([p.top_k if p.top_k > 0 else V for p in picked], dev)
+        k = device_tensor([p.top_k if p.top_k > 0 else V for p in picked], dev)
         ranked = ranked.masked_fill(rank >= k[:, None], float("-inf"))
         probs = ranked.softmax(-1)
         # drop a token when the tokens before it already reach top_p (the best one always stays)
-        top_p = _device_tensor([p.top_p for p in picked], dev, torch.float32)
+        top_p = device_tensor([p.top_p for p in picked], dev, torch.float32)
         ranked = ranked.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
         sub = torch.full_like(sub, float("-inf")).scatter(1, order, ranked)
     tokens[index] = torch.multinomial(sub.softmax(-1), 1).squeeze(-1)
