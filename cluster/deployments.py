@@ -1,7 +1,8 @@
-"""The Ray Serve deployments: the Router (engine + HTTP + gRPC) and the ExpertShards (a range of experts each).
+"""The Ray Serve deployments: the Router (HTTP + gRPC in front of the engine process) and the ExpertShards (a range
+of experts each).
 
-Ray carries only the one-time rendezvous (Router -> ExpertShard.join) and the requests (proxy -> Router); the
-per-layer expert traffic is the torch.distributed collective between the replicas.
+Ray carries only the rendezvous (Router -> ExpertShard.join, each time the group forms) and the requests (proxy ->
+Router); the per-layer expert traffic is the torch.distributed collective between the engine process and the shards.
 """
 
 from __future__ import annotations
@@ -22,17 +23,13 @@ from model_shards.expert_part import shard_expert_range
 from model_shards.loading import load_expert_part
 
 from .engine.async_engine import AsyncEngine
-from .engine.engine import DTYPES, Engine, EngineConfig
+from .engine.engine import DTYPES, EngineConfig
+from .engine.engine_process import GIL_SWITCH_INTERVAL_S, EngineProcess
 from .metrics import Metrics
-from .ray_shard_group import RayShardGroup
-from .shard_group import load_router_share, serve_experts
+from .ray_shard_group import RayShardRendezvous
+from .shard_group import serve_experts
 
 log = logging.getLogger("m1serve.deployments")
-
-# The engine thread shares the Router replica's GIL with Serve's event loop, which is busy streaming tokens at high
-# concurrency. Every wait on the GPU releases the GIL, and taking it back from a busy thread takes up to the switch
-# interval: Python's default 5 ms is as long as a whole decode step.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def setup_logging() -> None:
@@ -105,32 +102,21 @@ class ExpertShard:
 
 
 class Router:
-    """The engine (scheduler, attention, gates, LM head) behind the OpenAI HTTP API and the gRPC service."""
+    """The APIs (OpenAI HTTP, gRPC) in front of the engine, which runs in a process of its own (EngineProcess):
+    this replica's event loop streams tokens without taking the engine's GIL."""
 
     async def __init__(self, model: str, shards: list, engine: dict, model_name: str, api_key_env: str | None = None,
                        per_layer_expert_metrics: bool = False, group_down_grace_s: float = 120.0):
         setup_logging()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        device = replica_device()
-        config = EngineConfig(model=model, expert_shards=len(shards), device=str(device), **engine)
+        config = EngineConfig(model=model, expert_shards=len(shards), device=str(replica_device()), **engine)
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.group_down_grace_s = group_down_grace_s
         self.metrics = Metrics("ray", per_layer_experts=per_layer_expert_metrics)
-
-        def build() -> Engine:
-            experts = None
-            if shards:
-                cfg = ModelConfig.from_file(model)
-                local = None
-                if config.router_experts:
-                    dtype = DTYPES[config.dtype] if config.dtype else None
-                    local = load_router_share(model, len(shards), dtype, device, config.expert_dtype)
-                experts = RayShardGroup(shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
-                                        device, ray.util.get_node_ip_address(), config.collective_timeout_s,
-                                        padded_max_rows=config.padded_dispatch_max_rows, local=local)
-            return Engine(config, experts=experts, metrics=self.metrics)
-
-        self.engine = await asyncio.to_thread(build)
+        rendezvous = (RayShardRendezvous(shards, ray.util.get_node_ip_address(), config.collective_timeout_s)
+                      if shards else None)
+        self.engine = await asyncio.to_thread(EngineProcess, config, self.metrics, rendezvous,
+                                              per_layer_expert_metrics)
         self.async_engine = AsyncEngine(self.engine, model_name)
         self._down_since: float | None = None
 
@@ -160,8 +146,7 @@ class Router:
 
     async def drain(self, timeout_s: float) -> dict:
         """Graceful stop: no new requests; those in flight finish within timeout_s or end with an error event."""
-        await asyncio.to_thread(self.engine.shutdown, timeout_s)
-        return self.engine.stats()
+        return await asyncio.to_thread(self.engine.shutdown, timeout_s)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -171,8 +156,8 @@ class Router:
     def check_health(self) -> None:
         """A group that stays broken past the grace period makes Serve replace this replica (which forms a new
         group); shorter outages are reported by /health and recovered by the engine itself."""
-        if not self.engine._thread.is_alive():
-            raise RuntimeError("engine thread died")
+        if not self.engine.alive:
+            raise RuntimeError("the engine process exited")
         if self.engine.healthy:
             self._down_since = None
             return

@@ -106,11 +106,24 @@ class _Prometheus:
             m.observe(value)
 
 
-class Metrics:
-    """What the engine, the shards and the APIs record. backend: "ray", "prometheus" or None (off)."""
+class _Forward:
+    """Each record handed to put() as ("metric", name, value, labels): how the engine process's metrics reach the
+    replica that exports them."""
 
-    def __init__(self, backend: str | None = None, per_layer_experts: bool = False, registry=None):
-        self._sink = {"ray": _Ray, "prometheus": lambda: _Prometheus(registry), None: lambda: None}[backend]()
+    def __init__(self, put):
+        self.put = put
+
+    def record(self, name: str, value: float, labels: dict[str, str]) -> None:
+        self.put(("metric", name, value, labels))
+
+
+class Metrics:
+    """What the engine, the shards and the APIs record. backend: "ray", "prometheus", "forward" (to forward(record),
+    see _Forward) or None (off)."""
+
+    def __init__(self, backend: str | None = None, per_layer_experts: bool = False, registry=None, forward=None):
+        self._sink = {"ray": _Ray, "prometheus": lambda: _Prometheus(registry), "forward": lambda: _Forward(forward),
+                      None: lambda: None}[backend]()
         self.per_layer_experts = per_layer_experts
 
     @property

@@ -156,6 +156,53 @@ class FormedGroup:
             self._call(self.dispatcher.heartbeat)
 
 
+class RendezvousShardGroup(FormedGroup):
+    """Shards started elsewhere (Ray Serve deployments) that join the router's group when asked. Each time the group
+    forms, rendezvous() has every shard asked to join a fresh store and returns that store's (host, port); this
+    process then joins as rank 0."""
+
+    def __init__(self, rendezvous, num_shards: int, cfg: ModelConfig, device, timeout_s: float = 30.0,
+                 join_timeout_s: float = 300.0, padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False,
+                 local: ExpertPart | None = None):
+        """local: the router's own share of the experts (load_router_share), or None."""
+        self.rendezvous, self.num_shards, self.device = rendezvous, num_shards, torch.device(device)
+        self.timeout_s, self.join_timeout_s = timeout_s, join_timeout_s
+        self.dispatcher = RouterDispatcher(num_shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
+                                           self.device, padded_max_rows, sync_timing, local)
+        self.healthy = False
+        self.start()
+
+    def start(self) -> None:
+        world = self.num_shards + 1
+        try:
+            host, port = self.rendezvous()
+            join_group(0, world, shard_store(host, port, world, self.join_timeout_s), self.device, self.timeout_s,
+                       self.join_timeout_s)
+        except Exception as e:
+            raise DispatchError(f"expert shards did not form a group: {type(e).__name__}: {e}") from e
+        self.healthy = True
+
+    def restart(self) -> None:
+        self._leave()
+        self.start()
+
+    def close(self) -> None:
+        if self.healthy:
+            try:
+                self.dispatcher.shutdown()
+            except DispatchError:
+                pass
+        self._leave()
+
+    def _leave(self) -> None:
+        self.healthy = False
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
 class ProcessShardGroup(FormedGroup):
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 

@@ -14,12 +14,13 @@ import uuid
 from typing import AsyncIterator
 
 from .engine import Engine
+from .engine_process import EngineProcess
 from .sampling import SamplingParams
 from .sequence import RequestOutput, merge_outputs
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine | EngineProcess, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
@@ -52,6 +53,9 @@ class AsyncEngine:
         try:
             while not finished:
                 ready = [await outputs.get()]
+                if isinstance(ready[0], Exception):  # an EngineProcess answers submit's errors through the sink
+                    finished = True
+                    raise ready[0]
                 while not outputs.empty():
                     ready.append(outputs.get_nowait())
                 out = merge_outputs(ready)

@@ -26,7 +26,7 @@ from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerE
 
 from ..dispatch import PADDED_MAX_ROWS, DispatchError
 from ..metrics import Metrics
-from ..shard_group import LocalExperts, ProcessShardGroup, load_router_share
+from ..shard_group import LocalExperts, ProcessShardGroup, RendezvousShardGroup, load_router_share
 from .cache_manager import CacheManager
 from .decode_graphs import DecodeGraphs, PendingTokens
 from .sampling import InvalidRequest, SamplingParams, device_tensor, sample
@@ -134,9 +134,11 @@ class StepProfile:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, experts=None, metrics: Metrics | None = None, start: bool = True):
-        """experts: where the experts live (LocalExperts, ProcessShardGroup, RayShardGroup); by default local
-        experts, or shard processes when config.expert_shards > 0."""
+    def __init__(self, config: EngineConfig, experts=None, metrics: Metrics | None = None, start: bool = True,
+                 rendezvous=None):
+        """experts: where the experts live (LocalExperts or a shard group); by default local experts, or, when
+        config.expert_shards > 0, shard processes of this engine, or shards started elsewhere that
+        rendezvous() gathers (see RendezvousShardGroup)."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
@@ -154,10 +156,16 @@ class Engine:
         elif config.expert_shards:
             local = (load_router_share(config.model, config.expert_shards, self.dtype, self.device,
                                        config.expert_dtype) if config.router_experts else None)
-            self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
-                                             config.collective_timeout_s, config.padded_dispatch_max_rows,
-                                             sync_timing=config.profile, expert_dtype=config.expert_dtype,
-                                             local=local)
+            if rendezvous is not None:
+                self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, cfg, self.device,
+                                                    config.collective_timeout_s,
+                                                    padded_max_rows=config.padded_dispatch_max_rows,
+                                                    sync_timing=config.profile, local=local)
+            else:
+                self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
+                                                 config.collective_timeout_s, config.padded_dispatch_max_rows,
+                                                 sync_timing=config.profile, expert_dtype=config.expert_dtype,
+                                                 local=local)
         else:
             self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device,
                                                          expert_dtype=config.expert_dtype))
@@ -308,7 +316,8 @@ class Engine:
         """Stops taking requests, lets those in flight finish for up to drain_timeout_s, aborts the rest."""
         self._stopping = True
         deadline = time.monotonic() + drain_timeout_s
-        while self._thread.is_alive() and self.scheduler.has_work() and time.monotonic() < deadline:
+        while (self._thread.is_alive() and (self.scheduler.has_work() or not self._inbox.empty())
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         self._inbox.put(("stop", None))
         if self._thread.is_alive():
