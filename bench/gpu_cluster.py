@@ -730,8 +730,14 @@ def phase_serve(args) -> dict:
         try:
             import urllib.request
 
-            text = urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/metrics", timeout=10).read().decode()
-            keep = [ln for ln in text.splitlines() if "m1serve" in ln and not ln.startswith("#")]
+            # Ray's metrics agent exports every few seconds: wait for the workload's tokens to show
+            for _ in range(30):
+                text = urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/metrics",
+                                              timeout=10).read().decode()
+                if "ray_m1serve_generation_tokens" in text:
+                    break
+                time.sleep(1)
+            keep = [ln for ln in text.splitlines() if ln.startswith("ray_m1serve")]
             Path(args.out, "metrics.txt").write_text("\n".join(keep) + "\n")
             result["metrics_lines"] = len(keep)
         except Exception as e:
