@@ -93,6 +93,12 @@ def test_warmup_leaves_no_trace(tiny_model, reference_parts, monkeypatch):
         assert not e.counters and e.profile.steps == 0
         prompt = random_ids(130, 512, seed=3)
         assert e.generate(prompt, GREEDY).token_ids == greedy_reference(*reference_parts, prompt, GREEDY.max_tokens)
+    steps.clear()  # prompts shorter than a step: the step's sizes are still reached, with several prompts
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_num_batched_tokens=96, max_model_len=50,
+                             warmup=True)) as e:
+        assert steps[:6] == [(48, 1), (1, 1), (24, 1), (1, 1), (12, 1), (1, 1)]
+        assert steps[6:] == [(96, 2), (2 + 2 * 8, 4), (2, 2)]
+        assert not e.counters
     with Engine(EngineConfig(model=str(tiny_model))) as e:  # on CPU it is off unless asked for
         assert e.warmup_s is None
 

@@ -204,9 +204,10 @@ class Engine:
                 self.warmup()
 
     def warmup(self) -> None:
-        """Runs throwaway requests through the whole path before the engine serves: prompts of half a full step's
-        tokens, a quarter, ... down to 16 (one step each: the expert kernels pick their tiles by rows per expert),
-        then a full-step prompt with a batch of short ones joining its decode (mixed and batched decode steps).
+        """Runs throwaway requests through the whole path before the engine serves: steps of half a full step's
+        tokens, a quarter, ... down to 16 (the expert kernels pick their tiles by rows per expert), then a full
+        step with a batch of short prompts joining its decode (mixed and batched decode steps). A step holds several
+        prompts where max_model_len is shorter than the step.
         On GPU each Triton kernel config a real step needs compiles here instead of inside the first users' time to
         first token. Leaves no trace: metrics are off meanwhile and the counters start from zero afterwards. A
         failure only skips it."""
@@ -225,13 +226,21 @@ class Engine:
                     if out.error:
                         raise RuntimeError(out.error)
 
-            full = n = max(1, min(c.max_num_batched_tokens, c.max_model_len - 2))
+            longest = max(1, min(c.max_num_batched_tokens, c.max_model_len - 2))  # one prompt's most tokens
+
+            def filling(total: int) -> list[int]:
+                """Prompt lengths that fill one step of `total` tokens (several when one prompt cannot)."""
+                k = min(-(-total // longest), c.max_num_seqs)
+                return [total // k] * k
+
+            n = c.max_num_batched_tokens
             while n > 16:
                 n //= 2
-                run(n)
-            # the full prompt takes the first step alone; the short ones join its decode (a mixed step), then all
-            # decode together
-            run(full, *[8] * max(0, min(c.max_num_seqs, 8) - 1))
+                run(*filling(n))
+            # the full step's prompts take the first step alone; the short ones join their decode (a mixed step),
+            # then all decode together
+            full = filling(c.max_num_batched_tokens)
+            run(*full, *[8] * max(0, min(c.max_num_seqs, 8) - len(full)))
             self.warmup_s = time.perf_counter() - t0
             log.info("warm-up done in %.1f s", self.warmup_s)
         except Exception as e:  # noqa: BLE001 - an optimisation: serving goes on (a broken group is handled as usual)
