@@ -99,6 +99,10 @@ def test_warmup_leaves_no_trace(tiny_model, reference_parts, monkeypatch):
         assert steps[:6] == [(48, 1), (1, 1), (24, 1), (1, 1), (12, 1), (1, 1)]
         assert steps[6:] == [(96, 2), (2 + 2 * 8, 4), (2, 2)]
         assert not e.counters
+    with Engine(EngineConfig(model=str(tiny_model), max_num_seqs=20, max_num_batched_tokens=96, max_model_len=50,
+                             warmup=True, cuda_graphs=True)) as e:  # a decode step at every graph size
+        assert e.graphs.sizes == [1, 2, 4, 8, 16, 20] and set(e.graphs.inputs) == set(e.graphs.sizes)
+        assert not e.counters and e.stats()["slots_used"] == 0
     with Engine(EngineConfig(model=str(tiny_model))) as e:  # on CPU it is off unless asked for
         assert e.warmup_s is None
 

@@ -206,7 +206,8 @@ class Engine:
     def warmup(self) -> None:
         """Runs throwaway requests through the whole path before the engine serves: steps of half a full step's
         tokens, a quarter, ... down to 16 (the expert kernels pick their tiles by rows per expert), then a full
-        step with a batch of short prompts joining its decode (mixed and batched decode steps). A step holds several
+        step with a batch of short prompts joining its decode (mixed and batched decode steps), then, with CUDA graphs,
+        a decode step at each graph size (each is captured here, not during a user's step). A step holds several
         prompts where max_model_len is shorter than the step.
         On GPU each Triton kernel config a real step needs compiles here instead of inside the first users' time to
         first token. Leaves no trace: metrics are off meanwhile and the counters start from zero afterwards. A
@@ -241,6 +242,9 @@ class Engine:
             # then all decode together
             full = filling(c.max_num_batched_tokens)
             run(*full, *[8] * max(0, min(c.max_num_seqs, 8) - len(full)))
+            if self.graphs is not None:  # a one-token prefill of `size` sequences, then their decode at that size
+                for size in self.graphs.sizes:
+                    run(*[1] * size)
             self.warmup_s = time.perf_counter() - t0
             log.info("warm-up done in %.1f s", self.warmup_s)
         except Exception as e:  # noqa: BLE001 - an optimisation: serving goes on (a broken group is handled as usual)
