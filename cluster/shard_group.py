@@ -1,5 +1,6 @@
-"""Where the router's experts live: in its own process, or in N expert-shard processes joined over
-torch.distributed. Both expose the same three calls the engine uses: begin_step, moe, close (+ restart)."""
+"""Where the router's experts live: in its own process, or in N expert shards joined over torch.distributed (child
+processes of the router, or processes started elsewhere that a rendezvous gathers). All expose the calls the engine
+uses: begin_step, moe, heartbeat, close, restart."""
 
 from __future__ import annotations
 
@@ -155,6 +156,23 @@ class FormedGroup:
         if self.healthy:
             self._call(self.dispatcher.heartbeat)
 
+    def close(self) -> None:
+        """Tells the shards to leave (when they can still hear it), then leaves the group."""
+        if self.healthy:
+            try:
+                self.dispatcher.shutdown()
+            except DispatchError:
+                pass
+        self._leave()
+
+    def _leave(self) -> None:
+        self.healthy = False
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
 
 class RendezvousShardGroup(FormedGroup):
     """Shards started elsewhere (Ray Serve deployments) that join the router's group when asked. Each time the group
@@ -185,22 +203,6 @@ class RendezvousShardGroup(FormedGroup):
     def restart(self) -> None:
         self._leave()
         self.start()
-
-    def close(self) -> None:
-        if self.healthy:
-            try:
-                self.dispatcher.shutdown()
-            except DispatchError:
-                pass
-        self._leave()
-
-    def _leave(self) -> None:
-        self.healthy = False
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
 
 
 class ProcessShardGroup(FormedGroup):
@@ -257,19 +259,11 @@ class ProcessShardGroup(FormedGroup):
 
     def close(self, graceful: bool = True) -> None:
         if graceful and self.healthy and all(p.is_alive() for p in self.procs):
-            try:
-                self.dispatcher.shutdown()
-            except DispatchError:
-                pass
+            super().close()
             for p in self.procs:
                 p.join(timeout=10)
         self._kill()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-        self.healthy = False
+        self._leave()
 
     def _kill(self) -> None:
         for p in self.procs:
