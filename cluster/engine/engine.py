@@ -220,9 +220,8 @@ class Engine:
             params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
             def run(*prompt_lens: int) -> None:
-                streams = [self.submit(torch.randint(vocab, (n,), generator=gen).tolist(), params, f"warmup-{i}-{n}")
-                           for i, n in enumerate(prompt_lens)]
-                for stream in streams:
+                prompts = [torch.randint(vocab, (n,), generator=gen).tolist() for n in prompt_lens]
+                for stream in self.submit_together(prompts, params):
                     out = stream.result()
                     if out.error:
                         raise RuntimeError(out.error)
@@ -285,6 +284,20 @@ class Engine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                sink: Sink | None = None) -> RequestStream:
+        seq, stream = self._sequence(prompt, params, request_id, sink)
+        self._inbox.put(("add", [seq]))
+        return stream
+
+    def submit_together(self, prompts: list, params: SamplingParams) -> list[RequestStream]:
+        """Requests that reach the scheduler at once, so that the next step sees all of them (the warm-up's
+        batches; separate submits race with the engine thread's steps)."""
+        made = [self._sequence(p, params, None, None) for p in prompts]
+        self._inbox.put(("add", [seq for seq, _ in made]))
+        return [stream for _, stream in made]
+
+    def _sequence(self, prompt, params: SamplingParams | None, request_id: str | None,
+                  sink: Sink | None) -> tuple[Sequence, RequestStream]:
+        """The checked request as a Sequence, and its stream (raises what submit documents)."""
         params = (params or SamplingParams()).validate()
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params)
@@ -309,8 +322,7 @@ class Engine:
             guide = create_guide(self.tokenizer, self.model_config.vocab_size, params.guided)
         seq = Sequence(request_id, prompt_ids, params, sink or stream.queue.put, stop_ids, detok, generator=gen,
                        guide=guide)
-        self._inbox.put(("add", seq))
-        return stream
+        return seq, stream
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
         return self.submit(prompt, params).result()
@@ -431,11 +443,12 @@ class Engine:
     def _apply(self, cmd) -> None:
         kind, arg = cmd
         if kind == "add":
-            if self.error is not None:
-                self._finish(arg, "error", f"expert shards are unavailable ({self.error})")
-            else:
-                self._seqs[arg.request_id] = arg
-                self.scheduler.add(arg)
+            for seq in arg:
+                if self.error is not None:
+                    self._finish(seq, "error", f"expert shards are unavailable ({self.error})")
+                else:
+                    self._seqs[seq.request_id] = seq
+                    self.scheduler.add(seq)
         elif kind == "abort":
             seq = self._seqs.get(arg)
             if seq is not None:
@@ -689,8 +702,8 @@ class Engine:
                 kind, arg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._finish(arg, reason, message if reason == "error" else None)
+            for seq in arg if kind == "add" else []:
+                self._finish(seq, reason, message if reason == "error" else None)
 
     def _recover(self) -> None:
         """Re-forms the shard group; waiting requests stay queued and run once it is back."""

@@ -227,6 +227,7 @@ class EngineProcess:
         """The child exited: nothing in flight may hang."""
         self._status = (False, "the engine process exited")
         if not self._ready.done():
+            self._proc.join(timeout=5)  # its exit code, for the message
             self._ready.set_exception(RuntimeError(f"the engine process exited during start-up "
                                                    f"(exit code {self._proc.exitcode})"))
         self._calls.fail_all("the engine process exited")
