@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Buckets for LLM latencies: 10 ms .. minutes for request-level times, 1 ms .. 10 s for per-token ones.
+# Buckets for LLM latencies: 10 ms .. minutes for request-level times, 1 ms .. 10 s for per-token ones, 0.5 ms ..
+# 5 s for engine steps (fine around a decode step's few ms).
 REQUEST_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 320, 640]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10]
+STEP_BUCKETS = [5e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 8e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.25, 1, 5]
 LAYER_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1]
 
 
@@ -37,6 +39,10 @@ FAMILIES = [
     Family("m1serve_dispatch_latency_seconds", "histogram",
            "One MoE layer's round trip router -> expert shards -> router (rows out, expert compute, answers back).",
            buckets=tuple(LAYER_BUCKETS)),
+    Family("m1serve_engine_step_seconds", "histogram",
+           "One engine step, from scheduling to its outputs streamed, by kind: prefill (any prompt tokens), decode "
+           "(read back in the same step) or ahead (a decode step read back after the next one was launched).",
+           labels=("kind",), buckets=tuple(STEP_BUCKETS)),
     Family("m1serve_shard_compute_seconds", "histogram", "Expert compute of one MoE layer on one shard.",
            labels=("shard",), buckets=tuple(LAYER_BUCKETS)),
     Family("m1serve_prompt_tokens", "counter", "Prompt tokens processed."),

@@ -472,12 +472,13 @@ class Engine:
         sampling = [c for c in plan if c.samples]
         num_tokens = sum(len(c.token_ids) for c in chunks)
         graphed = self.graphs is not None and self.graphs.fits(chunks)
+        launched_ahead = False
         try:
             if (graphed and len(plan) == len(self.scheduler.running)
                     and all(self._sampled_on_device(c.seq, len(c.seq.output_ids)) for c in plan)):
                 self._pending = (plan, PendingTokens(self.graphs.launch(chunks), [c.seq.params for c in plan],
                                                      self.graphs))
-                sampling = []  # read back by the next step, after it has launched its own
+                sampling, launched_ahead = [], True  # read back by the next step, after it has launched its own
             elif graphed:
                 logits = self.graphs.run(chunks)
             else:
@@ -500,6 +501,9 @@ class Engine:
             log.warning("a step of %d tokens (%d sequences) took %.1f s: a kernel compiling for a new shape, or a slow "
                         "shard", num_tokens, len(plan), seconds)
         if self.metrics.enabled:
+            if not launched_ahead:
+                decode = all(len(c.token_ids) == 1 and c.start > 0 for c in chunks)
+                self.metrics.record("m1serve_engine_step_seconds", seconds, kind="decode" if decode else "prefill")
             self._record_step()
 
     # ---- decode steps launched one ahead ---------------------------------------------------------------------
@@ -524,6 +528,7 @@ class Engine:
     def _step_ahead(self) -> None:
         """Launches the next decode step from the pending one's device tokens (unless a waiting request can be
         admitted: it gets a normal step next), then reads the pending tokens back and processes them."""
+        started = time.monotonic()
         plan, pending = self._pending
         self._pending = None
         ahead = [] if self.scheduler.can_admit() else [i for i, c in enumerate(plan) if self._continues(c.seq)]
@@ -550,6 +555,7 @@ class Engine:
         for seq, token in live:
             self._append(seq, token, None)
         if self.metrics.enabled:
+            self.metrics.record("m1serve_engine_step_seconds", time.monotonic() - started, kind="ahead")
             self._record_step()
 
     def _moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
