@@ -88,6 +88,15 @@ def replica_pid(deployment: str) -> int:
     return pids[0]
 
 
+def engine_pid(router_pid: int) -> int:
+    """The Router replica's engine process (its multiprocessing spawn child; the other child is the resource
+    tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(router_pid), "-f", "spawn_main"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 1, (router_pid, pids)
+    return pids[0]
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -18,7 +18,7 @@ import pytest
 from cluster.api import m1serve_pb2 as pb
 from cluster.api import m1serve_pb2_grpc as pb_grpc
 
-from serve_helpers import replica_pid, replica_pids, rss_bytes, running_server
+from serve_helpers import engine_pid, replica_pid, replica_pids, rss_bytes, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -184,6 +184,7 @@ def test_client_disconnect_frees_the_slot(server):
 def test_soak_mixed_clients_memory_flat_slots_free(server):
     duration = float(os.environ.get("M1SERVE_SOAK_SECONDS", "40"))
     pids = {name: replica_pid(name) for name in ("Router", "ExpertShard0", "ExpertShard1")}
+    pids["engine"] = engine_pid(pids["Router"])
     stop, errors, counts = threading.Event(), [], {"http": 0, "grpc": 0, "dropped": 0}
 
     def http_client(i):
@@ -283,6 +284,25 @@ def test_killed_router_ends_streams_and_comes_back(server):
     assert "error" in outcome or events[-1:] != ["[DONE]"] or any("error" in e for e in events if isinstance(e, dict))
     wait_serving(server, timeout=120)  # a new router replica loads, re-forms the group with the shards
     assert replica_pid("Router") != victim
+
+
+def test_killed_engine_process_ends_streams_and_the_replica_is_replaced(server):
+    router = replica_pid("Router")
+    victim = engine_pid(router)
+    outcome = {}
+    t = threading.Thread(target=lambda: outcome.setdefault("events", stream_events(server, max_tokens=2000)))
+    t.start()
+    time.sleep(2)
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    t.join(timeout=60)
+    assert not t.is_alive() and time.monotonic() - t0 < 10
+    errors = [e["error"] for e in outcome["events"] if isinstance(e, dict) and "error" in e]
+    assert errors and "engine process exited" in json.dumps(errors), outcome["events"][-2:]
+    health = httpx.get(server.url + "/health", timeout=10)  # until Serve replaces the replica
+    assert health.status_code == 503, health.text
+    wait_serving(server, timeout=120)  # the failing health check makes Serve start a new Router replica
+    assert replica_pid("Router") != router
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server):
