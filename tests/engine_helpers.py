@@ -31,3 +31,9 @@ def wait_for(condition, timeout=30.0):
 
 def wait_idle(engine, timeout=30.0):
     return wait_for(lambda: (s := engine.stats())["running"] == 0 and s["waiting"] == 0 and s, timeout)
+
+
+def value(registry, name: str, **labels) -> float:
+    """A prometheus_client sample's value (0 while the series does not exist yet)."""
+    v = registry.get_sample_value(name, labels or None)
+    return 0.0 if v is None else v

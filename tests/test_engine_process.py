@@ -20,7 +20,7 @@ from cluster.metrics import Metrics
 from cluster.shard_group import _shard_process_main, master_store
 
 from conftest import random_ids
-from engine_helpers import wait_for
+from engine_helpers import value, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,19 +57,15 @@ def served(tiny_model):
     engine.shutdown()
 
 
-def _sample(metrics: Metrics, name: str) -> float:
-    return metrics.registry.get_sample_value(name) or 0.0
-
-
 def test_same_tokens_as_the_in_process_engine_and_metrics_reach_the_parent(served, expected):
     engine, metrics = served
-    before = _sample(metrics, "m1serve_generation_tokens_total")
+    before = value(metrics.registry, "m1serve_generation_tokens_total")
     outs = _generate_all(AsyncEngine(engine, "tiny"), PROMPTS)
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "length" and o.num_prompt_tokens == len(p) for o, p in zip(outs, PROMPTS))
     # the engine records in the child; the parent's registry gets the records
-    wait_for(lambda: _sample(metrics, "m1serve_generation_tokens_total") - before == 3 * GREEDY.max_tokens)
-    assert metrics.registry.get_sample_value("m1serve_requests_total", {"finish_reason": "length"}) >= 3
+    wait_for(lambda: value(metrics.registry, "m1serve_generation_tokens_total") - before == 3 * GREEDY.max_tokens)
+    assert value(metrics.registry, "m1serve_requests_total", finish_reason="length") >= 3
     stats = engine.stats()
     assert stats["running"] == 0 and stats["slots_used"] == 0 and stats["healthy"]
 

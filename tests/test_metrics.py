@@ -10,12 +10,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.metrics import FAMILIES, Metrics
 
 from conftest import random_ids
-from engine_helpers import wait_idle
-
-
-def value(registry, name: str, **labels) -> float:
-    v = registry.get_sample_value(name, labels or None)
-    return 0.0 if v is None else v
+from engine_helpers import value, wait_idle
 
 
 @pytest.mark.parametrize("warmup, graphs", [(False, False), (True, False), (True, True)],
