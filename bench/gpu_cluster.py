@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -673,6 +674,37 @@ async def _workload(port: int, model_name: str, concurrency: int, prompt_len: in
             "e2e_s": percentiles([r["t_end"] - r["t_send"] for r in ok], 1)}
 
 
+def serve_max_model_len(args) -> int:
+    return max(args.prompt_len + args.serve_tokens, max(args.serve_long, default=0) + args.long_tokens) + 64
+
+
+def step_seconds(metrics_text: str) -> dict:
+    """The engine's step-time histogram by kind (prefill / decode / ahead) from a Prometheus scrape, summed over the
+    label sets Ray adds: steps, mean ms, and p50 / p90 as the upper bound of the bucket holding them. Ray exports a
+    histogram's sum as the sum of the observations' bucket midpoints, so the mean is that approximation."""
+    totals: dict = defaultdict(lambda: {"count": 0.0, "sum": 0.0})
+    buckets: dict = defaultdict(lambda: defaultdict(float))
+    for line in metrics_text.splitlines():
+        m = re.match(r'^(?:ray_)?m1serve_engine_step_seconds_(sum|count|bucket)\{([^}]*)\}\s+(\S+)$', line)
+        kind = m and re.search(r'kind="([^"]+)"', m.group(2))
+        if not kind:
+            continue
+        if m.group(1) == "bucket":
+            le = re.search(r'le="([^"]+)"', m.group(2)).group(1)
+            buckets[kind.group(1)][float(le)] += float(m.group(3))
+        else:
+            totals[kind.group(1)][m.group(1)] += float(m.group(3))
+
+    def quantile(kind: str, q: float):
+        cum = sorted(buckets[kind].items())
+        n = cum[-1][1] if cum else 0
+        return next((1e3 * le for le, c in cum if c >= q * n), None) if n else None
+
+    return {k: {"steps": int(v["count"]), "mean_ms": 1e3 * v["sum"] / v["count"] if v["count"] else None,
+                "p50_ms_le": quantile(k, 0.5), "p90_ms_le": quantile(k, 0.9)}
+            for k, v in sorted(totals.items())}
+
+
 def phase_serve(args) -> dict:
     from model_shards.config import ModelConfig
 
@@ -680,7 +712,7 @@ def phase_serve(args) -> dict:
     gpu = args.device == "cuda"
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--expert-shards", str(args.shards),
            "--router-gpus", "1" if gpu else "0", "--gpus-per-shard", "1" if gpu else "0",
-           "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.prompt_len + args.serve_tokens + 64),
+           "--max-num-seqs", str(args.concurrency), "--max-model-len", str(serve_max_model_len(args)),
            "--max-num-batched-tokens", str(args.chunk),
            "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
            "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
@@ -740,8 +772,17 @@ def phase_serve(args) -> dict:
             keep = [ln for ln in text.splitlines() if ln.startswith("ray_m1serve")]
             Path(args.out, "metrics.txt").write_text("\n".join(keep) + "\n")
             result["metrics_lines"] = len(keep)
+            result["step_seconds"] = step_seconds(text)
         except Exception as e:
             result["metrics_error"] = f"{type(e).__name__}: {e}"
+        # one stream at a time, short prompt then the long ones: per-token time against context through the server
+        result["single"] = []
+        for i, n in enumerate([args.prompt_len] + args.serve_long):
+            one = asyncio.run(_workload(args.http_port, name, 1, n, args.long_tokens, cfg.vocab_size, 10 + i))
+            result["single"].append(one)
+            save(args, "serve", result)
+            print(f"[serve] one stream, {n}-token prompt: {one['ok']}/1 ok, TTFT {one['ttft_ms']['p50']} ms, "
+                  f"ITL mean {one['itl_ms']['mean']} ms {one['errors']}", flush=True)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -787,6 +828,47 @@ def decode_floor_ms(cfg, env: dict, shards: int, batch: int, context: int) -> di
     total += lm
     return {"total_ms": total * 1e3, "router_attention_ms": router_total * 1e3, "experts_ms": experts_total * 1e3,
             "lm_head_ms": lm * 1e3, "batch": batch, "context": context, "experts_touched_per_shard": touched}
+
+
+def prefill_floor_ms(cfg, env: dict, shards: int, seqs: int, prompt_len: int) -> dict | None:
+    """HBM/GEMM floor of prefilling `seqs` prompts of `prompt_len` tokens as if in one step (each weight read once,
+    every GEMM at the measured rate): per layer the router's projections (+ the lightning state update, + the softmax
+    layer's causal QK and PV), then the busiest expert holder's share of the routed rows, then the LM head on each
+    prompt's last token. Chunked prefill reads the weights once per step, so this is a lower bound for any chunk."""
+    bw, rate = env.get("copy_TBps"), env.get("gemm_TFLOPs")
+    if not bw or not rate:
+        return None
+    bw, rate = bw * 1e12, rate * 1e12
+    H, q, kv, F, E, K = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.num_local_experts,
+                         cfg.num_experts_per_tok)
+    d, heads = cfg.head_dim, cfg.num_attention_heads
+    n = seqs * prompt_len
+    router = experts = 0.0
+    for t in cfg.layer_types:
+        if t == "linear_attention":
+            params = 5 * q * H
+            flops = 2 * n * params + 4 * n * heads * d * d  # projections + q.S and the k^T v state update
+        else:
+            params = (2 * q + 2 * kv) * H
+            flops = 2 * n * params + 2 * seqs * heads * d * prompt_len ** 2  # + causal QK^T and PV
+        router += max(2 * params / bw, flops / rate)
+        held = -(-E // shards)
+        experts += max(held * 3 * H * F * 2 / bw, 2 * n * K / shards * 3 * H * F / rate)
+    lm = max(cfg.vocab_size * H * 2 / bw, 2 * seqs * cfg.vocab_size * H / rate)
+    return {"total_ms": (router + experts + lm) * 1e3, "router_attention_ms": router * 1e3,
+            "experts_ms": experts * 1e3, "lm_head_ms": lm * 1e3, "seqs": seqs, "prompt_len": prompt_len}
+
+
+def serve_floor(cfg, env: dict, shards: int, seqs: int, prompt_len: int, max_tokens: int) -> dict | None:
+    """Floor of the serve workload (all streams sent at once): every prompt prefilled, then max_tokens - 1 decode
+    steps at full batch (the first token comes out of the prefill)."""
+    pre = prefill_floor_ms(cfg, env, shards, seqs, prompt_len)
+    dec = decode_floor_ms(cfg, env, shards, seqs, prompt_len + max_tokens // 2)
+    if pre is None or dec is None:
+        return None
+    wall_s = (pre["total_ms"] + (max_tokens - 1) * dec["total_ms"]) / 1e3
+    return {"prefill_ms": pre["total_ms"], "decode_step_ms": dec["total_ms"], "wall_s": wall_s,
+            "output_tok_s": seqs * max_tokens / wall_s}
 
 
 def fmt(v, nd=2):
@@ -856,6 +938,48 @@ def report(args, phase_status: dict) -> dict:
                  f"{fmt(t['p99'], 0)} | {fmt(i['mean'])} | {fmt(i['p50'])} / {fmt(i['p90'])} / {fmt(i['p99'])} |")
         if sv.get("errors"):
             L.append(f"\nerrors: {sv['errors']}")
+        floor = serve_floor(cfg, env, holders, sv["concurrency"], sv["prompt_len"], sv["max_tokens"]) \
+            if cfg is not None else None
+        if floor:
+            sv["floor"] = floor
+            L.append(f"\nFloor of this workload (`serve_floor`): every prompt prefilled at the GEMM/HBM floor "
+                     f"({fmt(floor['prefill_ms'], 0)} ms, `prefill_floor_ms`) then {sv['max_tokens'] - 1} decode steps"
+                     f" at batch {sv['concurrency']} ({fmt(floor['decode_step_ms'])} ms each) = "
+                     f"{fmt(floor['wall_s'])} s, {fmt(floor['output_tok_s'], 0)} output tok/s: measured output tok/s "
+                     f"is **{fmt(floor['output_tok_s'] / sv['output_tok_s'])}x below the floor's**, ITL mean "
+                     f"{fmt(sv['itl_ms']['mean'] / floor['decode_step_ms'])}x the decode step floor.")
+        steps = (data["serve"] or {}).get("step_seconds")
+        if steps:
+            L.append("\nEngine steps during the workload (the server's `m1serve_engine_step_seconds`): " + "; ".join(
+                f"{k} {v['steps']} steps, mean {fmt(v['mean_ms'])} ms, p50 <= {fmt(v['p50_ms_le'])} ms, p90 <= "
+                f"{fmt(v['p90_ms_le'])} ms" for k, v in steps.items()) +
+                ". `ahead` = decode steps launched before the previous one's tokens were read; the mean is Ray's "
+                "(bucket midpoints), the percentiles are bucket upper bounds.")
+        L.append("")
+    singles = (data["serve"] or {}).get("single")
+    if singles:
+        L.append("### Serve: one stream at a time, short and long prompts\n")
+        L.append("Sent one after another after the workload, each alone on the server. ITL mean = the stream's "
+                 "per-token pace; its floor: one decode step at batch 1 at that context (`decode_floor_ms`). The "
+                 "lightning layers' state is the same size at any context, so only the softmax layer's KV read grows."
+                 " TTFT floor: `prefill_floor_ms` of the one prompt (the first request of a new length also pays for "
+                 "any kernel compiled for it).\n")
+        L.append("| prompt | ok | TTFT ms | TTFT floor ms | prefill tok/s | ITL mean ms | ITL floor ms | x floor | "
+                 "ITL x vs first |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        base = singles[0]["itl_ms"]["mean"] if singles[0].get("ok") else None
+        for r in singles:
+            if not r.get("ok"):
+                L.append(f"| {r['prompt_len']} | 0/1 | error: {str(r.get('errors'))[:200]} |")
+                continue
+            ttft, itl = r["ttft_ms"]["p50"], r["itl_ms"]["mean"]
+            pf = prefill_floor_ms(cfg, env, holders, 1, r["prompt_len"]) if cfg is not None else None
+            df = decode_floor_ms(cfg, env, holders, 1, r["prompt_len"] + r["max_tokens"] // 2) \
+                if cfg is not None else None
+            L.append(f"| {r['prompt_len']} | 1/1 | {fmt(ttft, 0)} | {fmt(pf and pf['total_ms'], 0)} | "
+                     f"{fmt(r['prompt_len'] / (ttft / 1e3) if ttft else None, 0)} | {fmt(itl)} | "
+                     f"{fmt(df and df['total_ms'])} | {fmt(df and itl / df['total_ms'])} | "
+                     f"{fmt(base and itl / base)} |")
         L.append("")
     elif data["serve"] is not None or phase_status.get("serve"):
         L.append(f"## Serve\n\nno workload result ({phase_status.get('serve')}); see logs.txt\n")
@@ -888,18 +1012,20 @@ def report(args, phase_status: dict) -> dict:
                  "unprofiled-looking wall time of the decode phase, with the syncs in it). `moe.experts` = waiting "
                  "for the shards (their expert compute + the all_to_all back). Floor: HBM/GEMM floor of the step "
                  "(`decode_floor_ms`: weights + state/KV bytes at the measured copy bandwidth, router and busiest "
-                 "shard in sequence per layer).\n")
+                 "shard in sequence per layer). Prefill floor: `prefill_floor_ms`, all prompts as one step.\n")
         breakdown_table("### Decode phase", en["rows"], "decode_ms_per_step")
         L.append("### Prefill phase\n")
         L.append("| conc | prompt | prefill s | prefill tok/s | steps | attention | attention.lightning | "
-                 "attention.softmax | moe | moe.experts | total ms/step | TTFT p50 / p99 ms |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "attention.softmax | moe | moe.experts | total ms/step | TTFT p50 / p99 ms | floor s | x floor |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
         for r in en["rows"]:
             ms = r["prefill_ms_per_step"]
+            pf = prefill_floor_ms(cfg, env, holders, r["concurrency"], r["prompt_len"]) if cfg is not None else None
             L.append(f"| {r['concurrency']} | {r['prompt_len']} | {fmt(r['prefill_s'])} | {fmt(r['prefill_tok_s'], 0)}"
                      f" | {r['prefill_steps']} | " + " | ".join(fmt(ms.get(k)) for k in (
                          "attention", "attention.lightning", "attention.softmax", "moe", "moe.experts", "total")) +
-                     f" | {fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p99'], 0)} |")
+                     f" | {fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p99'], 0)} | "
+                     f"{fmt(pf and pf['total_ms'] / 1e3, 3)} | {fmt(pf and r['prefill_s'] * 1e3 / pf['total_ms'])} |")
         L.append("")
     gr = data["graphs"]
     if gr and gr.get("rows"):
@@ -1034,7 +1160,10 @@ def build_parser():
     p.add_argument("--engine-tokens", type=int, default=128)
     p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the engine and the server")
     p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
-    p.add_argument("--long-tokens", type=int, default=32)
+    p.add_argument("--long-tokens", type=int, default=64, help="output tokens of the one-stream cases")
+    p.add_argument("--serve-long", type=lambda s: [int(x) for x in s.split(",") if x], default=[131072],
+                   help="serve phase: after the workload, one stream with each of these prompt lengths (and one with "
+                        "--prompt-len first); empty: none")
     p.add_argument("--dispatch-layers", type=lambda s: [int(x) for x in s.split(",")], default=[80],
                    help="MoE layers per step in the dispatch phase, besides the checkpoint's own count")
     p.add_argument("--dispatch-profile", type=lambda s: [int(x) for x in s.split("x")], default=None,

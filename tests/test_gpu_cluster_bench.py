@@ -55,3 +55,59 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
     assert line.endswith(f"**{graph_ratio:.1f}x** |")
     assert "## Engine in-process with CUDA-graph decode steps" in md
     assert "the router holds a share of the experts too (--router-experts: 2 equal shares)" in md
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_cluster
+
+    return gpu_cluster
+
+
+def test_prefill_floor_counts_the_checkpoints_weights_and_flops():
+    from model_shards.tiny import random_weights, tiny_config
+
+    g = _bench()
+    cfg = tiny_config(num_layers=4)
+    weights = random_weights(cfg)
+    shards = 2  # expert holders, equal shares
+    held = cfg.num_local_experts // shards
+    # bandwidth-bound (GEMMs free): every router projection, one holder's experts and the LM head read once, bf16
+    router = sum(t.numel() for k, t in weights.items() if ".self_attn." in k and not k.endswith("norm.weight"))
+    experts = sum(t.numel() for k, t in weights.items()
+                  if any(f".experts.{e}." in k for e in range(held)))
+    lm_head = weights["lm_head.weight"].numel()
+    floor = g.prefill_floor_ms(cfg, {"copy_TBps": 1e-9, "gemm_TFLOPs": 1e12}, shards, seqs=3, prompt_len=50)
+    assert floor["total_ms"] == pytest.approx(2 * (router + experts + lm_head), rel=1e-9)  # 1e3 B/s, in ms
+    # GEMM-bound (bytes free): the flops are linear in the prompts at a fixed length (softmax's L^2 is per prompt)
+    gemm = {"copy_TBps": 1e12, "gemm_TFLOPs": 1e-9}
+    one, four = (g.prefill_floor_ms(cfg, gemm, shards, s, 50)["total_ms"] for s in (1, 4))
+    assert four == pytest.approx(4 * one, rel=1e-9)
+    # ... and the experts' share halves with twice the holders
+    e2, e4 = (g.prefill_floor_ms(cfg, gemm, s, 4, 50)["experts_ms"] for s in (2, 4))
+    assert e4 == pytest.approx(e2 / 2, rel=1e-9)
+    # the serve workload: the prefill, then one decode step per output token after the first
+    serve = g.serve_floor(cfg, gemm, shards, 4, 50, 9)
+    step = g.decode_floor_ms(cfg, gemm, shards, 4, 54)["total_ms"]
+    assert serve["wall_s"] == pytest.approx((four + 8 * step) / 1e3, rel=1e-9)
+    assert serve["output_tok_s"] == pytest.approx(36 / serve["wall_s"])
+
+
+def test_step_seconds_sums_ray_label_sets_and_reads_bucket_quantiles():
+    g = _bench()
+
+    def family(replica, kind, counts, total):
+        les = ["0.005", "0.01", "0.1", "+Inf"]
+        lines = [f'ray_m1serve_engine_step_seconds_bucket{{kind="{kind}",le="{le}",replica="{replica}"}} {c}'
+                 for le, c in zip(les, counts)]
+        return lines + [f'ray_m1serve_engine_step_seconds_count{{kind="{kind}",replica="{replica}"}} {counts[-1]}',
+                        f'ray_m1serve_engine_step_seconds_sum{{kind="{kind}",replica="{replica}"}} {total}']
+
+    text = "\n".join(family("a", "ahead", [6, 9, 10, 10], 0.05) + family("b", "ahead", [4, 4, 10, 10], 0.5)
+                     + family("a", "prefill", [0, 0, 0, 2], 0.4)
+                     + ['ray_m1serve_generation_tokens_total{replica="a"} 99', "# HELP x y"])
+    steps = g.step_seconds(text)
+    assert set(steps) == {"ahead", "prefill"}
+    assert steps["ahead"]["steps"] == 20 and steps["ahead"]["mean_ms"] == pytest.approx(27.5)
+    assert steps["ahead"]["p50_ms_le"] == 5.0 and steps["ahead"]["p90_ms_le"] == 100.0  # cumulative 10, 13, 20
+    assert steps["prefill"]["steps"] == 2 and steps["prefill"]["p50_ms_le"] == float("inf")
