@@ -97,8 +97,8 @@ def phase_env(args) -> dict:
                                         timeout=10).stdout.strip() or None
     except Exception:
         info["commit"] = None
-    if not (info["commit"] and len(info["commit"]) == 40):  # the device's copy of the tree may have no history
-        info["commit"] = os.environ.get("GPU_CLUSTER_COMMIT") or info["commit"]
+    # the device's copy of .git can be stale or missing: the caller names the commit it sent
+    info["commit"] = os.environ.get("GPU_CLUSTER_COMMIT") or info["commit"]
     for mod in ("triton", "ray", "safetensors", "tokenizers", "grpc", "google.protobuf", "fastapi", "pydantic",
                 "prometheus_client", "llguidance", "aiohttp", "transformers", "jinja2"):
         try:
