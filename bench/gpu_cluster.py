@@ -471,7 +471,7 @@ def _engine(args, max_model_len: int, max_num_seqs: int, graphs: bool = False):
 
 
 def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_seqs: int,
-                  graphs: bool = False) -> dict:
+                  graphs: bool = False, after=None) -> dict:
     max_len = max(p + m for _, p, m in levels) + 16
     engine, load_s, cfg = _engine(args, max_len, max_num_seqs, graphs)
     result = {"load_s": load_s, "config": {k: v for k, v in vars(cfg).items()}, "rows": []}
@@ -485,6 +485,8 @@ def _levels_phase(args, name: str, levels: list[tuple[int, int, int]], max_num_s
             save(args, name, result)  # partial results survive a later hang
             print(f"[{name}] conc={c} prompt={p} out={m}: decode {row['decode_tok_s']:.1f} tok/s, "
                   f"{row['decode_ms_per_step_wall']:.2f} ms/step wall ({now() - t0:.1f}s)", flush=True)
+        if after is not None:
+            result[after.__name__] = after(engine, args)
     finally:
         engine.shutdown()
     return result
@@ -497,10 +499,50 @@ def phase_engine(args) -> dict:
 
 
 def phase_graphs(args) -> dict:
-    """The engine phase's levels with decode steps replayed from CUDA graphs (router and shards), no profiling."""
+    """The engine phase's levels with decode steps replayed from CUDA graphs (router and shards), no profiling; then,
+    on GPU, the prefill of the top level's prompts alone under torch.profiler (`prefill_kernels`)."""
     t = args.engine_tokens
     levels = [(c, args.prompt_len, t) for c in sorted({1, min(8, args.concurrency), args.concurrency})]
-    return _levels_phase(args, "graphs", levels, args.concurrency, graphs=True)
+    return _levels_phase(args, "graphs", levels, args.concurrency, graphs=True,
+                         after=prefill_kernels if args.device == "cuda" else None)
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals (us in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def prefill_kernels(engine, args) -> dict:
+    """The router GPU's kernels while the engine prefills `--concurrency` prompts (one output token each), from
+    torch.profiler (CUPTI sees every thread's launches): wall time, time any kernel ran, time a compute (non-NCCL)
+    kernel ran, and the kernels that took the most. Wall minus compute-busy is where the router's GPU waited: on the
+    host, or on the shards through NCCL. The shards are other processes, not in it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import torch
+
+    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+        t0 = now()
+        row = run_level(engine, args.concurrency, args.prompt_len, 1)
+        wall = now() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    compute = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
+    by_name: dict = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e.name][0] += (e.time_range.end - e.time_range.start) / 1e3
+        by_name[e.name][1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"concurrency": args.concurrency, "prompt_len": args.prompt_len, "wall_ms": wall * 1e3,
+            "prefill_steps": row["prefill_steps"], "busy_ms": _union_ms(spans), "compute_busy_ms": _union_ms(compute),
+            "kernel_ms_sum": sum(v[0] for v in by_name.values()),
+            "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
 
 
 def phase_longctx(args) -> dict:
@@ -653,7 +695,9 @@ async def _workload(port: int, model_name: str, concurrency: int, prompt_len: in
                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                "return_token_ids": True, "stream_options": {"include_usage": True}} for _ in range(concurrency)]
     timeout = aiohttp.ClientTimeout(total=900)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # read_bufsize: an SSE event is one line, and the first one echoes the prompt's ids (800 KB at 128K tokens)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                     read_bufsize=2**22) as session:
         t0 = now()
         res = await asyncio.gather(*[_stream_one(session, url, b) for b in bodies])
         t1 = now()
@@ -1045,6 +1089,19 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(wall)} | {fmt(floor and floor['total_ms'])} | "
                      f"{fmt(floor and wall / floor['total_ms'])} | {fmt(e and e['decode_ms_per_step_wall'])} | "
                      f"{fmt(e and e['decode_ms_per_step_wall'] / wall)} | {fmt(r['ttft_ms']['p50'], 0)} |")
+        L.append("")
+    pk = (gr or {}).get("prefill_kernels")
+    if pk:
+        L.append(f"### Prefill under torch.profiler: router GPU, {pk['concurrency']} prompts of {pk['prompt_len']} "
+                 f"tokens, one output token each ({pk['prefill_steps']} steps of up to {args.chunk} tokens)\n")
+        L.append(f"wall {fmt(pk['wall_ms'], 1)} ms (profiler on); a kernel running {fmt(pk['busy_ms'], 1)} ms; a "
+                 f"compute (non-NCCL) kernel running {fmt(pk['compute_busy_ms'], 1)} ms "
+                 f"({fmt(100 * pk['compute_busy_ms'] / pk['wall_ms'], 0)}% of wall); kernel time summed "
+                 f"{fmt(pk['kernel_ms_sum'], 1)} ms. NCCL kernels' time includes waiting for the shards.\n")
+        L.append("| kernel | ms | launches |")
+        L.append("|---|---:|---:|")
+        for k in pk["top"]:
+            L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
         L.append("")
     lc = data["longctx"]
     if lc and lc.get("rows"):
