@@ -23,9 +23,8 @@ MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rms_norm(x, weight, eps):
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # one fused kernel on GPU (fp32 inside); the unfused fp32 pow/mean/rsqrt/mul chain was ~6% of a prefill step
+    return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
 
 def apply_partial_rope(x, cos, sin):

@@ -24,15 +24,23 @@ CHECK = textwrap.dedent("""
         ctx = [1, page, page + 1, 5 * page + 3, 300 if page == 16 else 200]
         tables = torch.stack([torch.randperm(blocks)[:(300 + page - 1) // page] for _ in ctx])
         q = torch.randn(len(ctx), H, D)
-        out = torch.full_like(q, float("nan"))
-        out[:] = paged_decode_attention(q, kc, vc, tables, torch.tensor(ctx, dtype=torch.int32), D ** -0.5,
-                                        block_n=32)
-        for b, n in enumerate(ctx):
-            k = kc[tables[b]].flatten(0, 1)[:n].transpose(0, 1)
-            v = vc[tables[b]].flatten(0, 1)[:n].transpose(0, 1)
-            ref = _cpu_attention(q[b][:, None], k, v, D ** -0.5)[:, 0]
-            err = ((out[b] - ref).norm() / ref.norm()).item()
-            assert err < 1e-5, (H, KVH, D, page, n, err)
+        # one split (the program writes the output), and split contexts merged afterwards: 3 splits of 32-token
+        # tiles leave the 1-token context two empty splits and cut 300 tokens mid-tile
+        for splits in (1, 3, 8):
+            out = torch.full_like(q, float("nan"))
+            out[:] = paged_decode_attention(q, kc, vc, tables, torch.tensor(ctx, dtype=torch.int32), D ** -0.5,
+                                            block_n=32, splits=splits)
+            for b, n in enumerate(ctx):
+                k = kc[tables[b]].flatten(0, 1)[:n].transpose(0, 1)
+                v = vc[tables[b]].flatten(0, 1)[:n].transpose(0, 1)
+                ref = _cpu_attention(q[b][:, None], k, v, D ** -0.5)[:, 0]
+                err = ((out[b] - ref).norm() / ref.norm()).item()
+                assert err < 1e-5, (H, KVH, D, page, n, splits, err)
+    # the default: about two programs per SM, one split once the batch fills them
+    from kernels.paged_decode import MAX_SPLITS, num_splits
+    cpu = torch.device("cpu")  # counted as 8 SMs
+    assert num_splits(1, 2, cpu) == 8 and num_splits(64, 8, cpu) == 1 and num_splits(1, 1, cpu) == 16
+    assert MAX_SPLITS >= 16
     print("OK")
 """)
 
