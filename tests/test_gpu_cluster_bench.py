@@ -58,10 +58,14 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import gpu_cluster
+    """bench/gpu_cluster.py as a module, without putting bench/ on sys.path (its kernels.py would shadow the kernels
+    package in every process spawned later in the session)."""
+    import importlib.util
 
-    return gpu_cluster
+    spec = importlib.util.spec_from_file_location("gpu_cluster", ROOT / "bench" / "gpu_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_prefill_floor_counts_the_checkpoints_weights_and_flops():
