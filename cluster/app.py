@@ -41,7 +41,7 @@ class AppArgs(BaseModel):
     expert_dtype: str | None = Field(None, pattern="^int8$", description="int8: weight-only int8 experts (halves "
                                                                           "their memory; MiniMax-M1 on 80 GB GPUs)")
     max_num_seqs: int = Field(16, ge=1)
-    max_num_batched_tokens: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="default: 256 on CPU, 16384 on GPU")
     max_model_len: int = Field(4096, ge=2)
     max_queue_len: int = Field(256, ge=1)
     max_tokens_per_request: int | None = Field(None, ge=1)

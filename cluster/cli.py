@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-dtype", choices=["int8"], default=None, help="weight-only int8 experts")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per step (bounds a prefill chunk)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (bounds a prefill chunk); default 256 on CPU, 16384 on GPU")
     p.add_argument("--router-gpus", type=float, default=0)
     p.add_argument("--gpus-per-shard", type=float, default=0)
     p.add_argument("--collective-timeout-s", type=float, default=30.0)

@@ -300,6 +300,17 @@ def test_router_experts_needs_shards(tiny_model):
         Engine(EngineConfig(model=str(tiny_model), router_experts=True), start=False)
 
 
+def test_step_tokens_default_by_device_and_keep_an_explicit_value(tiny_model):
+    from cluster.engine.engine import STEP_TOKENS
+
+    default = Engine(EngineConfig(model=str(tiny_model)), start=False)
+    assert default.config.max_num_batched_tokens == STEP_TOKENS["cpu"] == 256
+    assert default.scheduler.max_num_batched_tokens == 256
+    assert STEP_TOKENS["cuda"] > STEP_TOKENS["cpu"]
+    chosen = Engine(EngineConfig(model=str(tiny_model), max_num_batched_tokens=48), start=False)
+    assert chosen.config.max_num_batched_tokens == chosen.scheduler.max_num_batched_tokens == 48
+
+
 def test_async_stream_merges_what_a_slow_consumer_missed(engine):
     """A consumer that falls behind gets the outputs that queued up meanwhile as one: same tokens, fewer messages."""
     import asyncio
