@@ -842,27 +842,30 @@ def phase_serve(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # roofline + report
+def attention_params(cfg, layer_type: str) -> int:
+    """Weights of one attention layer's projections: lightning q, k, v, output gate, out; softmax q, k, v, o."""
+    if layer_type == "linear_attention":
+        return 5 * cfg.q_size * cfg.hidden_size
+    return (2 * cfg.q_size + 2 * cfg.kv_size) * cfg.hidden_size
+
+
 def decode_floor_ms(cfg, env: dict, shards: int, batch: int, context: int) -> dict | None:
     """HBM/GEMM floor of one decode step: per layer, the router's attention (weights, lightning state read+write,
     KV read) then the busiest shard's experts (each touched expert's weights once), then the LM head. Router and
     shards run one after the other in a layer, so the floors add. Dispatch (NVLink) not included. shards: the expert
     holders (with --router-experts the router's share is one more, computed alongside the shards')."""
-    bw, rate = env.get("copy_TBps"), env.get("gemm_TFLOPs")
-    if not bw or not rate:
+    if not (env.get("copy_TBps") and env.get("gemm_TFLOPs")):
         return None
-    bw, rate = bw * 1e12, rate * 1e12
-    H, q, kv, F, E, K = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.num_local_experts,
-                         cfg.num_experts_per_tok)
-    d, heads = cfg.head_dim, cfg.num_attention_heads
+    bw, rate = env["copy_TBps"] * 1e12, env["gemm_TFLOPs"] * 1e12
+    H, F, E, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     touched = (E / shards) * (1 - (1 - K / E) ** batch)  # expected experts touched per shard
     total = router_total = experts_total = 0.0
     for t in cfg.layer_types:
+        params = attention_params(cfg, t)
         if t == "linear_attention":
-            params = 5 * q * H
-            extra = batch * heads * d * d * 4 * 2  # fp32 state read + write
+            extra = batch * cfg.num_attention_heads * cfg.head_dim ** 2 * 4 * 2  # fp32 state read + write
         else:
-            params = (2 * q + 2 * kv) * H
-            extra = batch * context * 2 * kv * 2  # bf16 K and V read
+            extra = batch * context * 2 * cfg.kv_size * 2  # bf16 K and V read
         r = max((2 * params + extra + E * H * 4) / bw, 2 * batch * params / rate)
         x = max(touched * 3 * H * F * 2 / bw, 2 * batch * K / shards * 3 * H * F / rate)
         router_total += r
@@ -879,21 +882,18 @@ def prefill_floor_ms(cfg, env: dict, shards: int, seqs: int, prompt_len: int) ->
     every GEMM at the measured rate): per layer the router's projections (+ the lightning state update, + the softmax
     layer's causal QK and PV), then the busiest expert holder's share of the routed rows, then the LM head on each
     prompt's last token. Chunked prefill reads the weights once per step, so this is a lower bound for any chunk."""
-    bw, rate = env.get("copy_TBps"), env.get("gemm_TFLOPs")
-    if not bw or not rate:
+    if not (env.get("copy_TBps") and env.get("gemm_TFLOPs")):
         return None
-    bw, rate = bw * 1e12, rate * 1e12
-    H, q, kv, F, E, K = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.num_local_experts,
-                         cfg.num_experts_per_tok)
-    d, heads = cfg.head_dim, cfg.num_attention_heads
+    bw, rate = env["copy_TBps"] * 1e12, env["gemm_TFLOPs"] * 1e12
+    H, F, E, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     n = seqs * prompt_len
     router = experts = 0.0
+    heads, d = cfg.num_attention_heads, cfg.head_dim
     for t in cfg.layer_types:
+        params = attention_params(cfg, t)
         if t == "linear_attention":
-            params = 5 * q * H
             flops = 2 * n * params + 4 * n * heads * d * d  # projections + q.S and the k^T v state update
         else:
-            params = (2 * q + 2 * kv) * H
             flops = 2 * n * params + 2 * seqs * heads * d * prompt_len ** 2  # + causal QK^T and PV
         router += max(2 * params / bw, flops / rate)
         held = -(-E // shards)
