@@ -35,27 +35,28 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], kv_block_size: int, device) -> "ForwardBatch":
-        ids, positions, slot_mapping, last_rows = [], [], [], []
-        for c in chunks:
-            n = len(c.token_ids)
-            if n == 0:
-                raise ValueError("a sequence chunk needs at least one token")
-            pos = range(c.start, c.start + n)
+        lens = [len(c.token_ids) for c in chunks]
+        if 0 in lens:
+            raise ValueError("a sequence chunk needs at least one token")
+        for c, n in zip(chunks, lens):
             if len(c.block_table) * kv_block_size < c.start + n:
                 raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {c.start + n} tokens")
-            ids.extend(c.token_ids)
-            positions.extend(pos)
-            slot_mapping.extend(c.block_table[p // kv_block_size] * kv_block_size + p % kv_block_size for p in pos)
-            last_rows.append(len(ids) - 1)
         width = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+        tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], dtype=torch.long)
+        # per-token columns as whole-batch tensor ops: a 16K-token prefill step would otherwise loop in Python per token
+        n = torch.tensor(lens)
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), n)  # each token's sequence
+        ends = n.cumsum(0)
+        positions = torch.tensor([c.start for c in chunks])[seq] + torch.arange(int(ends[-1])) - (ends - n)[seq]
+        slot_mapping = tables[seq, positions // kv_block_size] * kv_block_size + positions % kv_block_size
+        ids = [t for c in chunks for t in c.token_ids]
 
         def t(x):
-            return torch.tensor(x, dtype=torch.long, device=device)
+            return torch.as_tensor(x, dtype=torch.long).to(device)
 
-        return cls(input_ids=t(ids), positions=t(positions), seq_lens=[len(c.token_ids) for c in chunks],
-                   context_lens=[c.start + len(c.token_ids) for c in chunks], slot_ids=t([c.slot for c in chunks]),
-                   block_tables=t(tables), slot_mapping=t(slot_mapping), last_token_rows=t(last_rows))
+        return cls(input_ids=t(ids), positions=t(positions), seq_lens=lens,
+                   context_lens=[c.start + m for c, m in zip(chunks, lens)], slot_ids=t([c.slot for c in chunks]),
+                   block_tables=t(tables), slot_mapping=t(slot_mapping), last_token_rows=t(ends - 1))
 
 
 class ModelCache:

@@ -261,3 +261,23 @@ def test_make_tiny_loads_in_transformers(tmp_path):
     ids = random_ids(260, cfg.vocab_size, seed=4)
     ours = Runner(router, [experts]).prefill(ids)
     assert rel_err(ours, hf_logits(load_hf_model(out, tmp_path / "hf"), ids)) < TOL
+
+
+def test_forward_batch_maps_each_token_to_its_kv_row():
+    from model_shards.batch import ForwardBatch, SeqChunk
+
+    bs = 4
+    chunks = [SeqChunk([7, 8, 9], 5, 2, [9, 3]),  # positions 5..7: block 3 (the table's second), rows 1..3
+              SeqChunk([1], 0, 0, [6]),  # a one-token prompt
+              SeqChunk([4, 5], 7, 1, [2, 0, 11])]  # positions 7, 8 cross from block 0 into block 11
+    b = ForwardBatch.build(chunks, bs, "cpu")
+    assert b.input_ids.tolist() == [7, 8, 9, 1, 4, 5]
+    assert b.positions.tolist() == [5, 6, 7, 0, 7, 8]
+    assert b.slot_mapping.tolist() == [3 * bs + 1, 3 * bs + 2, 3 * bs + 3, 6 * bs, 0 * bs + 3, 11 * bs + 0]
+    assert b.last_token_rows.tolist() == [2, 3, 5]
+    assert b.block_tables.tolist() == [[9, 3, 0], [6, 0, 0], [2, 0, 11]]
+    assert b.seq_lens == [3, 1, 2] and b.context_lens == [8, 1, 9] and b.slot_ids.tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="at least one token"):
+        ForwardBatch.build([SeqChunk([], 0, 0, [1])], bs, "cpu")
+    with pytest.raises(ValueError, match="cannot hold 9 tokens"):
+        ForwardBatch.build([SeqChunk([1, 2], 7, 0, [1, 2])], bs, "cpu")
