@@ -525,9 +525,7 @@ def prefill_kernels(engine, args) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    import torch
-
-    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = now()
         row = run_level(engine, args.concurrency, args.prompt_len, 1)
         wall = now() - t0
@@ -887,6 +885,7 @@ def prefill_floor_ms(cfg, env: dict, shards: int, seqs: int, prompt_len: int) ->
     bw, rate = env["copy_TBps"] * 1e12, env["gemm_TFLOPs"] * 1e12
     H, F, E, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     n = seqs * prompt_len
+    held = -(-E // shards)  # experts on the busiest holder
     router = experts = 0.0
     heads, d = cfg.num_attention_heads, cfg.head_dim
     for t in cfg.layer_types:
@@ -896,7 +895,6 @@ def prefill_floor_ms(cfg, env: dict, shards: int, seqs: int, prompt_len: int) ->
         else:
             flops = 2 * n * params + 2 * seqs * heads * d * prompt_len ** 2  # + causal QK^T and PV
         router += max(2 * params / bw, flops / rate)
-        held = -(-E // shards)
         experts += max(held * 3 * H * F * 2 / bw, 2 * n * K / shards * 3 * H * F / rate)
     lm = max(cfg.vocab_size * H * 2 / bw, 2 * seqs * cfg.vocab_size * H / rate)
     return {"total_ms": (router + experts + lm) * 1e3, "router_attention_ms": router * 1e3,

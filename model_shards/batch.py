@@ -44,10 +44,10 @@ class ForwardBatch:
         width = max(len(c.block_table) for c in chunks)
         tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], dtype=torch.long)
         # per-token columns as whole-batch tensor ops: a 16K-token prefill step would otherwise loop in Python per token
-        n = torch.tensor(lens)
-        seq = torch.repeat_interleave(torch.arange(len(chunks)), n)  # each token's sequence
-        ends = n.cumsum(0)
-        positions = torch.tensor([c.start for c in chunks])[seq] + torch.arange(int(ends[-1])) - (ends - n)[seq]
+        counts = torch.tensor(lens)
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), counts)  # each token's sequence
+        ends = counts.cumsum(0)
+        positions = torch.tensor([c.start for c in chunks])[seq] + torch.arange(int(ends[-1])) - (ends - counts)[seq]
         slot_mapping = tables[seq, positions // kv_block_size] * kv_block_size + positions % kv_block_size
         ids = [t for c in chunks for t in c.token_ids]
 

@@ -713,8 +713,9 @@ class Engine:
                 kind, arg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            for seq in arg if kind == "add" else []:
-                self._finish(seq, reason, message if reason == "error" else None)
+            if kind == "add":
+                for seq in arg:
+                    self._finish(seq, reason, message if reason == "error" else None)
 
     def _recover(self) -> None:
         """Re-forms the shard group; waiting requests stay queued and run once it is back."""
