@@ -170,8 +170,6 @@ class _EchoExperts:
     def forward(self, layer, x, ids, weights):
         return x.contiguous()
 
-    forward_no_sync = forward
-
 
 def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path,
                    profile_at=None):

@@ -19,7 +19,7 @@ Two dispatch modes give the same result:
   rows (all_to_all_single both ways). For large steps over several shards, where bytes dominate.
 
 A padded step can also be marked `graphed` in its header (the router's decode steps at a fixed batch size): the
-shard then runs all the step's layers with no host sync (ExpertPart.forward_no_sync) and, on GPU, captures them in
+shard then runs all the step's layers with no host sync (ExpertPart.forward never syncs) and, on GPU, captures them in
 a CUDA graph the first time it sees that token count and replays it afterwards, as the router does on its side.
 The collectives captured on both sides are the same ones in the same order, so they still meet.
 """
@@ -188,8 +188,7 @@ class RouterDispatcher:
         """The router's experts' weighted outputs for every token (zeros where none of its experts is routed)."""
         if self.local is None:
             return torch.zeros(h.shape, dtype=h.dtype, device=h.device)
-        forward = self.local.forward_no_sync if self.graphed else self.local.forward
-        return forward(layer, h, ids, weights)
+        return self.local.forward(layer, h, ids, weights)
 
 
 class ShardWorker:
@@ -205,12 +204,14 @@ class ShardWorker:
         self.tokens_computed = 0
         self.observe_compute = observe_compute  # called with each layer's compute seconds
         self.graphs = StepGraphs(self.device)  # token count -> the captured no-sync step
+        self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # GPU layers not yet read back
 
     def serve(self) -> None:
         while True:
             header = torch.empty(4, dtype=torch.long, device=self.device)
             _collective(dist.broadcast, header, src=ROUTER_RANK)
             op, num_tokens, mode, graphed = header.tolist()
+            self._read_compute_times()  # the header's read waited for the previous step's work
             if op == OP_SHUTDOWN:
                 self.graphs.clear()  # before the group is destroyed
                 return
@@ -228,7 +229,7 @@ class ShardWorker:
             rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
             x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
-            _collective(dist.reduce, self.experts.forward_no_sync(layer, x, ids, weights), dst=ROUTER_RANK)
+            _collective(dist.reduce, self.experts.forward(layer, x, ids, weights), dst=ROUTER_RANK)
 
     def _layer(self, layer: int, num_tokens: int, mode: int) -> None:
         W = self.world
@@ -242,18 +243,34 @@ class ShardWorker:
             n = num_tokens
             rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
-        t0 = time.perf_counter()
         x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
-        y = self.experts.forward(layer, x, ids, weights).contiguous()
-        seconds = time.perf_counter() - t0
-        self.compute_seconds += seconds
-        if self.observe_compute is not None:
-            self.observe_compute(seconds)
+        if self.device.type == "cuda":  # timed by events, read after the step: a host clock would time the launches
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y = self.experts.forward(layer, x, ids, weights).contiguous()
+            end.record()
+            self._timed.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            y = self.experts.forward(layer, x, ids, weights).contiguous()
+            self._observe(time.perf_counter() - t0)
         self.tokens_computed += n
         if mode == MODE_EXACT:
             _collective(dist.all_to_all_single, x.new_empty(0, self.hidden), y, [0] * W, [n] + [0] * (W - 1))
         else:
             _collective(dist.reduce, y, dst=ROUTER_RANK)
+
+
+    def _read_compute_times(self) -> None:
+        for start, end in self._timed:
+            end.synchronize()
+            self._observe(start.elapsed_time(end) / 1e3)
+        self._timed.clear()
+
+    def _observe(self, seconds: float) -> None:
+        self.compute_seconds += seconds
+        if self.observe_compute is not None:
+            self.observe_compute(seconds)
 
 
 def _collective(fn, *args, **kwargs):

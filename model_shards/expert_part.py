@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kernels.experts import grouped_swiglu, grouped_swiglu_no_sync, quantize_int8
+from kernels.experts import combine_pairs, grouped_swiglu_no_sync, quantize_int8
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -71,31 +71,19 @@ class ExpertPart:
         return self.last - self.first
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; expert_ids [N, K] global ids (those outside this shard are ignored); weights [N, K].
-        Returns [N, H]: for each token, the weighted sum of its experts that live on this shard."""
-        local = expert_ids - self.first
-        mine = (local >= 0) & (local < self.num_experts)
-        token, k = mine.nonzero(as_tuple=True)
-        local = local[token, k]
-        order = torch.argsort(local, stable=True)
-        token, local = token[order], local[order]
-        sizes = torch.bincount(local, minlength=self.num_experts).tolist()
-        scales = (self.w13_scale[layer], self.w2_scale[layer]) if self.w13_scale is not None else (None, None)
-        y = grouped_swiglu(x[token], sizes, self.w13[layer], self.w2[layer], weights[token, k[order]], *scales)
-        return torch.zeros_like(x).index_add_(0, token, y)
-
-    def forward_no_sync(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                        weights: torch.Tensor) -> torch.Tensor:
-        """forward without reading anything back from the device: every shape depends only on x's (the decode steps
-        captured in CUDA graphs). All T*K (token, expert) pairs are sorted, this shard's first; the rest get zeros."""
+        """x [T, H]; expert_ids [T, K] global ids (those outside this shard are ignored); weights [T, K]. Returns
+        [T, H]: for each token, the weighted sum of its experts that live on this shard.
+        Nothing is read back from the device and every shape depends only on x's, so a whole step runs without a
+        host sync (and decode steps can be captured in CUDA graphs): all T*K (token, expert) pairs are sorted, this
+        shard's first, the kernels compute only those, and the combine reads only theirs."""
         T, K = expert_ids.shape
         E = self.num_experts
         local = expert_ids.flatten() - self.first
         local = torch.where((local >= 0) & (local < E), local, E)  # E: on another shard, sorted last
         order = torch.argsort(local, stable=True)
-        token = order // K
         counts = (local[:, None] == torch.arange(E, device=x.device)).sum(0)  # (bincount would read its max back)
+        slot = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=x.device))  # pair -> its row
         scales = (self.w13_scale[layer], self.w2_scale[layer]) if self.w13_scale is not None else (None, None)
-        y = grouped_swiglu_no_sync(x[token], counts, self.w13[layer], self.w2[layer], weights.flatten()[order],
-                                   *scales)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        y = grouped_swiglu_no_sync(x[order // K], counts, self.w13[layer], self.w2[layer], weights.flatten()[order],
+                                   *scales, rows_per_expert=T * K / self.cfg.num_local_experts)
+        return combine_pairs(y, slot.view(T, K), counts.sum().view(1))

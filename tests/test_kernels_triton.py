@@ -34,7 +34,9 @@ def _run_checks() -> dict:
     import torch
     import torch.nn.functional as F
 
+    from kernels.experts.combine import combine_pairs_triton
     from kernels.experts.grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm, grouped_swiglu_triton
+    from kernels.experts.reference import combine_pairs as combine_pairs_reference
     from kernels.experts.reference import dequantize_int8, quantize_int8
     from kernels.experts.reference import grouped_swiglu
     from kernels.lightning.decode import lightning_decode_pool
@@ -175,6 +177,12 @@ def _run_checks() -> dict:
             ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else w.double())
             errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
         res[f"experts_{name}_grouped_mm_err"] = max(errs)
+        errs = []  # the same from counts on the device (the no-sync prefill path): the spare rows are not computed
+        for w in (wp, None):
+            y = grouped_swiglu_grouped_mm(xp, counts, w13, w2, w)
+            ref = grouped_swiglu(x.double(), sizes, w13.double(), w2.double(), None if w is None else wts.double())
+            errs.append(_rel(y[:N], ref) if torch.isfinite(y[:N]).all() else float("inf"))
+        res[f"experts_{name}_grouped_mm_counts_err"] = max(errs)
         # bf16 reference's own error, for scale
         res[f"experts_{name}_ref_bf16_err"] = _rel(grouped_swiglu(x, sizes, w13, w2, wts),
                                                    grouped_swiglu(x.double(), sizes, w13.double(), w2.double(),
@@ -189,6 +197,21 @@ def _run_checks() -> dict:
             grouped_swiglu_triton(x, sizes, q13, q2, wts, w13_scale=s13, w2_scale=s2, config=cfg, out=y)
             errs.append(_rel(y, ref) if torch.isfinite(y).all() else float("inf"))
         res[f"experts_{name}_int8_err"] = max(errs)
+    # combine: each token's K rows summed back; the rows past num_rows hold NaN and must not be read
+    T, K, Hc = 9, 2, 40
+    y = torch.randn(T * K, Hc).bfloat16()
+    y[11:] = float("nan")
+    slot = torch.randperm(T * K).view(T, K)
+    num_rows = torch.tensor([11])
+    got = combine_pairs_triton(y, slot, num_rows)
+    want = torch.zeros(T, Hc, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            if slot[t, k] < 11:
+                want[t] += y[slot[t, k]].double()
+    res["combine_err"] = _rel(got, want) if torch.isfinite(got).all() else float("inf")
+    ref = combine_pairs_reference(y, slot, num_rows)
+    res["combine_reference_err"] = _rel(ref, want) if torch.isfinite(ref).all() else float("inf")
     return res
 
 
@@ -240,6 +263,18 @@ def test_grouped_swiglu_from_device_counts(results, case):
     """The CUDA-graph path: group sizes as a device tensor, a grid fixed by the row count, empty tiles exit."""
     assert results[f"experts_{case}_counts_err"] < TOL
     assert results[f"experts_{case}_counts_spare_zero"]
+
+
+@pytest.mark.parametrize("case", ["a", "b"])
+def test_grouped_mm_from_device_counts(results, case):
+    """torch._grouped_mm with the group ends computed on the device (no host sync) and spare rows after them."""
+    assert results[f"experts_{case}_grouped_mm_counts_err"] < TOL
+
+
+def test_combine_pairs(results):
+    """Each token's expert rows summed back in token order, skipping the rows past the count (NaN here)."""
+    assert results["combine_err"] < TOL
+    assert results["combine_reference_err"] < TOL
 
 
 def test_dispatch_falls_back_on_cpu():

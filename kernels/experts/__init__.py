@@ -6,12 +6,14 @@ from functools import lru_cache
 
 import torch
 
+from .reference import combine_pairs as combine_pairs_reference
 from .reference import dequantize_int8, quantize_int8
 from .reference import grouped_swiglu as grouped_swiglu_reference
 
 try:
     import triton  # noqa: F401
 
+    from .combine import combine_pairs_triton
     from .grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm, grouped_swiglu_triton
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton
@@ -46,11 +48,17 @@ def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=N
     return grouped_swiglu_reference(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
 
 
-def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None):
+def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
+                           rows_per_expert: float | None = None):
     """grouped_swiglu with the group sizes as a tensor [E] on x's device, of which x's first sum(counts) rows are;
-    the rows after them get zeros. On GPU nothing is read back and the launches depend only on x's shape (CUDA-graph
-    safe); elsewhere the reference."""
+    the rows after them are no expert's and their outputs are unspecified. On GPU nothing is read back and the
+    launches depend only on x's shape (CUDA-graph safe); elsewhere the reference. rows_per_expert: the rows an
+    expert is expected to get (default: x's rows over the E experts), which picks the kernel as in grouped_swiglu."""
     if _triton_ok(x, w13, w2, w13_scale):
+        if rows_per_expert is None:
+            rows_per_expert = x.shape[0] / counts.shape[0]
+        if w13_scale is None and rows_per_expert > GROUPED_MM_MIN_ROWS and _has_grouped_mm(x.device):
+            return grouped_swiglu_grouped_mm(x, counts, w13, w2, weights)
         return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale)
     sizes = counts.tolist()
     n = sum(sizes)
@@ -60,4 +68,13 @@ def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_s
     return y
 
 
-__all__ = ["grouped_swiglu", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
+def combine_pairs(y, slot: torch.Tensor, num_rows: torch.Tensor):
+    """Each token's expert outputs summed back in token order: out[t] = sum over k of y[slot[t, k]], counting only
+    the rows below num_rows (a one-element tensor on y's device: the rows past it are no expert's here and may hold
+    anything). The Triton kernel on GPU (one pass, no atomics, no host sync), the reference elsewhere."""
+    if HAVE_TRITON and y.is_cuda:
+        return combine_pairs_triton(y, slot, num_rows)
+    return combine_pairs_reference(y, slot, num_rows)
+
+
+__all__ = ["combine_pairs", "grouped_swiglu", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]

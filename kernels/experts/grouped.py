@@ -152,8 +152,10 @@ def _down_kernel(h, w2, scale2, weights, y, tiles, num_m_tiles, N, K,
 
 
 @triton.jit
-def _silu_mul_kernel(h13, weights, h, F, stride_13, stride_h, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(h13, weights, h, end, F, stride_13, stride_h, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if row >= tl.load(end):  # past the experts' rows (counts on the device: the grid covers all of x)
+        return
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < F
     g = tl.load(h13 + row * stride_13 + cols, mask=ok, other=0.0).to(tl.float32)
@@ -270,23 +272,29 @@ def _launch(x, table1, table2, cfg1, cfg2, w13, w2, weights, w13_scale, w2_scale
     return y
 
 
-def grouped_swiglu_grouped_mm(x, group_sizes: list[int], w13, w2, weights=None, out=None):
+def grouped_swiglu_grouped_mm(x, group_sizes, w13, w2, weights=None, out=None):
     """Same contract (bf16/fp16 weights only) with both GEMMs in torch._grouped_mm: at hundreds of rows per expert
     the work is GEMM-bound and CUTLASS's grouped GEMM beats our Triton tiles (bench/results/kernels.md). The routing
-    weight is applied to h before w2 (the same product), so silu, mul and weights cost one pass over h."""
+    weight is applied to h before w2 (the same product), so silu, mul and weights cost one pass over h.
+    group_sizes: a host list, or per-expert counts [E] on x's device (no host sync): then x's rows after
+    sum(counts) are not computed and their outputs are left unspecified."""
     N, Hd = x.shape
     E, F2, _ = w13.shape
     F = F2 // 2
     if N == 0:
         return torch.empty_like(x) if out is None else out
-    assert sum(group_sizes) == N and len(group_sizes) <= E
-    ends = list(itertools.accumulate(group_sizes)) + [N] * (E - len(group_sizes))
-    offs = torch.tensor(ends, dtype=torch.int32).to(x.device, non_blocking=True)
+    if torch.is_tensor(group_sizes):
+        assert group_sizes.shape == (E,)
+        offs = torch.cumsum(group_sizes, 0, dtype=torch.int32)
+    else:
+        assert sum(group_sizes) == N and len(group_sizes) <= E
+        ends = list(itertools.accumulate(group_sizes)) + [N] * (E - len(group_sizes))
+        offs = torch.tensor(ends, dtype=torch.int32).to(x.device, non_blocking=True)
     h13 = torch._grouped_mm(x.contiguous(), w13.transpose(1, 2), offs=offs)
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
     BLOCK = 1024
     _silu_mul_kernel[(N, triton.cdiv(F, BLOCK))](
-        h13, weights.contiguous() if weights is not None else h13, h, F, h13.stride(0), h.stride(0),
+        h13, weights.contiguous() if weights is not None else h13, h, offs[-1:], F, h13.stride(0), h.stride(0),
         HAS_WEIGHTS=weights is not None, BLOCK=BLOCK)
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
     return y if out is None else out.copy_(y)

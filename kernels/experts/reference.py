@@ -35,3 +35,11 @@ def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=N
     if weights is not None:
         out = out * weights[:, None].to(out.dtype)
     return out
+
+
+def combine_pairs(y, slot: torch.Tensor, num_rows: torch.Tensor):
+    """out[t] = sum over k of y[slot[t, k]] for the slots below num_rows (a one-element tensor; the rows of y past it
+    may hold anything), summed in fp32. slot [T, K] int64; y [R, H]. Returns [T, H] in y's dtype."""
+    T, K = slot.shape
+    rows = y[slot.flatten()].view(T, K, y.shape[1])
+    return torch.where((slot < num_rows)[..., None], rows.float(), 0.0).sum(1).to(y.dtype)
