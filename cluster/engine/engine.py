@@ -79,7 +79,7 @@ class EngineConfig:
     kv_block_size: int = 16
     cache_memory_gb: float | None = None  # state slots + KV blocks; default: 0.5 GB on CPU, 85% of free GPU memory
     collective_timeout_s: float = 30.0
-    padded_dispatch_max_rows: int = PADDED_MAX_ROWS
+    padded_dispatch_max_rows: int | None = None  # see cluster/dispatch.py; None: PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
     # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On
@@ -145,6 +145,8 @@ class Engine:
         self.device = torch.device(config.device)
         if config.max_num_batched_tokens is None:
             config = replace(config, max_num_batched_tokens=STEP_TOKENS[self.device.type])
+        if config.padded_dispatch_max_rows is None:
+            config = replace(config, padded_dispatch_max_rows=PADDED_MAX_ROWS)
         self.config = config
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
         self.model_config = cfg = ModelConfig.from_file(config.model)
