@@ -732,6 +732,12 @@ def serve_max_model_len(args) -> int:
     return max(args.prompt_len + args.serve_tokens, max(args.serve_long, default=0) + args.long_tokens) + 64
 
 
+def counter_total(metrics_text: str, name: str) -> float:
+    """A counter's value summed over its label sets (`name_total{...} v` lines)."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}_total(?:{{[^}}]*}})?\s+(\S+)$", metrics_text,
+                                                      re.MULTILINE))
+
+
 def step_seconds(metrics_text: str) -> dict:
     """The engine's step-time histogram by kind (prefill / decode / ahead) from a Prometheus scrape, summed over the
     label sets Ray adds: steps, mean ms, and p50 / p90 as the upper bound of the bucket holding them. Ray exports a
@@ -818,11 +824,11 @@ def phase_serve(args) -> dict:
         try:
             import urllib.request
 
-            # Ray's metrics agent exports every few seconds: wait for the workload's tokens to show
+            # Ray's metrics agent exports every few seconds: wait until all the workload's tokens show
             for _ in range(30):
                 text = urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/metrics",
                                               timeout=10).read().decode()
-                if "ray_m1serve_generation_tokens" in text:
+                if counter_total(text, "ray_m1serve_generation_tokens") >= main["output_tokens"]:
                     break
                 time.sleep(1)
             keep = [ln for ln in text.splitlines() if ln.startswith("ray_m1serve")]

@@ -115,3 +115,12 @@ def test_step_seconds_sums_ray_label_sets_and_reads_bucket_quantiles():
     assert steps["ahead"]["steps"] == 20 and steps["ahead"]["mean_ms"] == pytest.approx(27.5)
     assert steps["ahead"]["p50_ms_le"] == 5.0 and steps["ahead"]["p90_ms_le"] == 100.0  # cumulative 10, 13, 20
     assert steps["prefill"]["steps"] == 2 and steps["prefill"]["p50_ms_le"] == float("inf")
+
+
+def test_counter_total_sums_label_sets_of_that_counter_only():
+    g = _bench()
+    text = "\n".join(['ray_m1serve_generation_tokens_total{replica="a"} 100.0',
+                      'ray_m1serve_generation_tokens_total{replica="b",model="x"} 28',
+                      "ray_m1serve_generation_tokens_created 5", 'ray_m1serve_prompt_tokens_total{replica="a"} 7'])
+    assert g.counter_total(text, "ray_m1serve_generation_tokens") == 128.0
+    assert g.counter_total(text, "ray_m1serve_missing") == 0
