@@ -215,19 +215,16 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             weights = torch.rand(T, top_k, generator=gen).to(dev)  # fp32, as the router's gate gives them
             h = torch.randn(T, hidden, generator=gen).to(dev, dtype)
             shard_of = (ids // eps).cpu()
-            routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # exact mode's rows per shard
-            # both modes where they differ (with one shard every token goes to it either way)
-            modes = ["padded"] if N == 1 else ["padded", "exact"]
+            routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # each shard's routed tokens
 
-            def run_ours(mode: str, warm: int, steps: int, graphed: bool = False):
+            def run_ours(warm: int, steps: int, graphed: bool = False):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
                 on the router, (host seconds, seconds) per layer over the last `steps`. graphed: the steps' layers
                 replayed from a CUDA graph on both sides (the engine's decode steps), the step header eager."""
                 if rank != 0:
                     ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
                     return None
-                disp = RouterDispatcher(N, experts, hidden, top_k, dev,
-                                        padded_max_rows=T * N if mode == "padded" else 0)
+                disp = RouterDispatcher(dev)
                 graphs = StepGraphs(dev)
 
                 def moe_layers():
@@ -246,9 +243,10 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 disp.shutdown()
                 return timed
 
-            def run_raw(counts: list[int]) -> tuple[float, float | None]:
-                """all_to_all_single of `counts` rows per shard (forward rows with routing meta, answers back): seconds
-                per layer eager, and replayed from a graph at decode sizes (the link's own time) or None."""
+            def run_raw(counts: list[int]) -> tuple[float, float, float | None]:
+                """all_to_all_single of `counts` rows per shard (forward rows with routing meta, answers back): host
+                seconds and seconds per layer eager, and replayed from a graph at decode sizes (the link's own time)
+                or None."""
                 if rank == 0:
                     send_f = torch.randn(sum(counts), width, device=dev).to(dtype)
                     recv_f = send_f.new_empty(0, width)
@@ -281,44 +279,43 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
 
             warm = 3
             raw_exact = run_raw(routed)  # the fewest bytes any protocol must move: each shard's routed rows
-            for mode in modes:
-                counts = [T] * N if mode == "padded" else routed
-                timed = run_ours(mode, warm, steps)
+            counts = [T] * N  # what ours sends: every token to every shard
+            timed = run_ours(warm, steps)
+            if rank == 0:
+                ours_cpu, ours = timed
+            dist.barrier()
+            graphable = T <= 256  # decode sizes: what the engine replays from graphs
+            if graphable:
+                timed = run_ours(warm, steps, graphed=True)
                 if rank == 0:
-                    ours_cpu, ours = timed
+                    ours_graph = timed[1]
                 dist.barrier()
-                graphable = mode == "padded" and T <= 256  # decode sizes: what the engine replays from graphs
-                if graphable:
-                    timed = run_ours(mode, warm, steps, graphed=True)
-                    if rank == 0:
-                        ours_graph = timed[1]
-                    dist.barrier()
-                if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
-                    from torch.profiler import ProfilerActivity, profile
+            if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
+                from torch.profiler import ProfilerActivity, profile
 
-                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-                    with profile(activities=acts) as prof:
-                        run_ours(mode, 0, 3)
-                        sync(dev)
-                    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-                    Path(result_path).with_name(f"dispatch_profile_{mode}_rank{rank}.txt").write_text(table)
-                    dist.barrier()
-                raw_cpu, raw, raw_graph = raw_exact if counts == routed else run_raw(counts)
-                if rank == 0:
-                    elem = torch.empty((), dtype=dtype).element_size()
-                    row = {"layers_per_step": layers, "tokens": T, "mode": mode, "rows_per_shard": counts,
-                           "bytes_per_layer": sum(counts) * (width + hidden) * elem,
-                           "exact_bytes_per_layer": sum(routed) * (width + hidden) * elem,
-                           "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
-                           "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
-                           "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3}
-                    if graphable:
-                        row["ours_graph_ms"] = ours_graph * 1e3
-                        row["ours_graph_vs_raw"] = ours_graph / raw
-                    if raw_graph is not None and graphable:
-                        row["raw_graph_ms"] = raw_graph * 1e3
-                        row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
-                    rows_out.append(row)
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    run_ours(0, 3)
+                    sync(dev)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                Path(result_path).with_name(f"dispatch_profile_rank{rank}.txt").write_text(table)
+                dist.barrier()
+            raw_cpu, raw, raw_graph = raw_exact if counts == routed else run_raw(counts)
+            if rank == 0:
+                elem = torch.empty((), dtype=dtype).element_size()
+                row = {"layers_per_step": layers, "tokens": T, "rows_per_shard": counts,
+                       "bytes_per_layer": sum(counts) * (width + hidden) * elem,
+                       "exact_bytes_per_layer": sum(routed) * (width + hidden) * elem,
+                       "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
+                       "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
+                       "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3}
+                if graphable:
+                    row["ours_graph_ms"] = ours_graph * 1e3
+                    row["ours_graph_vs_raw"] = ours_graph / raw
+                if raw_graph is not None and graphable:
+                    row["raw_graph_ms"] = raw_graph * 1e3
+                    row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
+                rows_out.append(row)
     if rank == 0:
         Path(result_path).write_text(json.dumps(rows_out))
     dist.destroy_process_group()
@@ -392,7 +389,7 @@ def _snapshot(engine) -> dict:
     snap = dict(engine.profile.seconds) | {k: v for k, v in ATTN_SPLIT.items()}
     d = getattr(engine.experts, "dispatcher", None)
     if d is not None:
-        snap.update({f"moe.{k}": getattr(d.times, k) for k in ("dispatch", "experts", "combine")})
+        snap.update({f"moe.{k}": getattr(d.times, k) for k in ("dispatch", "experts")})
     snap["_steps"] = engine.profile.steps
     snap["_tokens"] = engine.profile.tokens
     return snap
@@ -475,7 +472,6 @@ def _engine(args, max_model_len: int, max_num_seqs: int, graphs: bool = False):
     cfg = EngineConfig(model=args.model, expert_shards=args.shards, router_experts=args.router_experts, device=device,
                        dtype="bfloat16" if args.device == "cuda" else None, max_num_seqs=max_num_seqs,
                        max_model_len=max_model_len, max_num_batched_tokens=args.chunk, profile=not graphs,
-                       padded_dispatch_max_rows=args.padded_max_rows,
                        collective_timeout_s=120.0, cuda_graphs=graphs)
     t0 = now()
     engine = Engine(cfg)
@@ -778,8 +774,6 @@ def phase_serve(args) -> dict:
            "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
     if gpu:
         cmd += ["--dtype", "bfloat16"]
-    if args.padded_max_rows is not None:
-        cmd += ["--padded-dispatch-max-rows", str(args.padded_max_rows)]
     if args.serve_cuda_graphs:
         cmd += ["--cuda-graphs", args.serve_cuda_graphs]
     if args.router_experts:
@@ -1050,7 +1044,7 @@ def report(args, phase_status: dict) -> dict:
         if not rows:
             return
         keys = ["attention", "attention.lightning", "attention.softmax", "gate", "moe", "moe.dispatch",
-                "moe.experts", "moe.combine", "lm_head", "sampling", "total"]
+                "moe.experts", "lm_head", "sampling", "total"]
         L.append(title + "\n")
         hdr = "| conc | prompt | out | decode tok/s | wall ms/step | " + " | ".join(keys) + " | floor ms | x floor |"
         L.append(hdr)
@@ -1071,8 +1065,9 @@ def report(args, phase_status: dict) -> dict:
         L.append("## Engine in-process (router on cuda:0, ProcessShardGroup shards over NCCL, profile=True)\n")
         L.append(f"load {fmt(en.get('load_s'), 1)} s; prefill chunk {args.chunk} tokens/step. ms/step per part "
                  "(each part synchronised, so the parts add up to about the profiled step; wall ms/step is the "
-                 "unprofiled-looking wall time of the decode phase, with the syncs in it). `moe.experts` = waiting "
-                 "for the shards (their expert compute + the all_to_all back). Floor: HBM/GEMM floor of the step "
+                 "unprofiled-looking wall time of the decode phase, with the syncs in it). `moe.experts` = the "
+                 "router's own experts, then the reduce that waits for the shards' compute and sums their answers "
+                 "(the combine). Floor: HBM/GEMM floor of the step "
                  "(`decode_floor_ms`: weights + state/KV bytes at the measured copy bandwidth, router and busiest "
                  "shard in sequence per layer). Prefill floor: `prefill_floor_ms`, all prompts as one step.\n")
         breakdown_table("### Decode phase", en["rows"], "decode_ms_per_step")
@@ -1141,24 +1136,23 @@ def report(args, phase_status: dict) -> dict:
         L.append(f"## Dispatch: RouterDispatcher protocol vs raw all_to_all_single, {di['world']} ranks\n")
         L.append("Per MoE layer round trip on the router, echo experts on the shards, at "
                  f"{' and '.join(map(str, di['layers_per_step']))} MoE layers per step (the checkpoint's; MiniMax-M1 "
-                 "has 80): our time includes the step header broadcast / layers, packing, the count exchange in exact "
-                 "mode, and the combine. Modes: padded = every token to every shard (one broadcast, one reduce, no "
-                 "host sync); exact = each shard only its routed tokens (a count exchange and a host sync per layer, "
-                 "then all_to_all_single both ways). Raw same bytes = all_to_all_single of the rows the mode sends "
-                 "(padded: all tokens to each shard); raw exact = all_to_all_single of each shard's routed rows only, "
-                 "the fewest bytes any protocol must move. Fit of the raw rows: alpha "
+                 "has 80): ours = every token to every shard (one broadcast, one reduce that also sums the answers, no "
+                 "host sync), including the step header broadcast / layers and packing. Raw same bytes = "
+                 "all_to_all_single of what ours delivers (all tokens to each shard); raw exact = all_to_all_single "
+                 "of each shard's routed rows only, the fewest bytes any protocol must move. Fit of the raw rows: "
+                 "alpha "
                  f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
         L.append("`host ms` = time the router's CPU took to issue the layer (no sync): close to the total means the "
                  "host, not the link, sets the pace.\n")
         L.append("`graph` columns (decode sizes): the step's layers replayed from a CUDA graph on every rank, as the "
                  "engine's decode steps run (ours: plus the eager step header); raw graph: the same all_to_all_singles "
                  "replayed from a graph.\n")
-        L.append("| layers/step | tokens | mode | bytes/layer | ours ms | ours host ms | raw same bytes ms | "
+        L.append("| layers/step | tokens | bytes/layer | ours ms | ours host ms | raw same bytes ms | "
                  "ours / raw same | exact bytes/layer | raw exact ms | **ours / raw exact** | alpha+bytes/BW ms | "
                  "ours / model | ours graph ms | raw graph ms | ours graph / raw | ours graph / raw graph |")
-        L.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
-            L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['mode']} | {r['bytes_per_layer']} | "
+            L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['bytes_per_layer']} | "
                      f"{fmt(r['ours_ms'], 3)} | {fmt(r.get('ours_host_ms'), 3)} | {fmt(r['raw_ms'], 3)} | "
                      f"{fmt(r['ratio'])} | {r.get('exact_bytes_per_layer', '-')} | {fmt(r.get('raw_exact_ms'), 3)} | "
                      f"**{fmt(r.get('ratio_exact'))}** | {fmt(r['model_ms'], 3)} | "
@@ -1238,8 +1232,6 @@ def build_parser():
     p.add_argument("--serve-tokens", type=int, default=256)
     p.add_argument("--engine-tokens", type=int, default=128)
     p.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens of the engine and the server")
-    p.add_argument("--padded-max-rows", type=int, default=None,
-                   help="padded_dispatch_max_rows of the engine and the server (default: the dispatcher's)")
     p.add_argument("--long-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
     p.add_argument("--long-tokens", type=int, default=64, help="output tokens of the one-stream cases")
     p.add_argument("--serve-long", type=lambda s: [int(x) for x in s.split(",") if x], default=[131072],

@@ -18,7 +18,7 @@ from .deployments import ExpertShard, Router
 ROUTER_NAME = "Router"
 ENGINE_FIELDS = ("dtype", "expert_dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_len",
                  "max_tokens_per_request", "request_timeout_s", "cache_memory_gb", "collective_timeout_s", "warmup",
-                 "cuda_graphs", "router_experts", "padded_dispatch_max_rows")
+                 "cuda_graphs", "router_experts")
 APP_NAME = "m1serve"
 
 
@@ -43,8 +43,6 @@ class AppArgs(BaseModel):
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1, description="default: 256 on CPU, 16384 on GPU")
     max_model_len: int = Field(4096, ge=2)
-    padded_dispatch_max_rows: int | None = Field(None, ge=0, description="steps up to this many rows (tokens x "
-                                                 "shards) go to every shard whole; default: the dispatcher's")
     max_queue_len: int = Field(256, ge=1)
     max_tokens_per_request: int | None = Field(None, ge=1)
     request_timeout_s: float | None = Field(600.0, gt=0, description="unfinished requests fail after this")

@@ -49,7 +49,7 @@ def _one_level(engine: Engine, concurrency: int, prompt_len: int, max_tokens: in
     if dispatcher is not None:
         t = vars(dispatcher.times)
         row["ms_per_step"].update({f"moe.{k}": 1e3 * (t[k] - times_before[k]) / max(steps, 1)
-                                   for k in ("dispatch", "experts", "combine")})
+                                   for k in ("dispatch", "experts")})
     return row
 
 

@@ -91,8 +91,7 @@ def cmd_serve(args) -> int:
     app_args = AppArgs(model=args.model, expert_shards=args.expert_shards, router_experts=args.router_experts,
                        max_model_len=args.max_model_len,
                        dtype=args.dtype, expert_dtype=args.expert_dtype, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       padded_dispatch_max_rows=args.padded_dispatch_max_rows, router_gpus=args.router_gpus,
+                       max_num_batched_tokens=args.max_num_batched_tokens, router_gpus=args.router_gpus,
                        gpus_per_shard=args.gpus_per_shard, collective_timeout_s=args.collective_timeout_s,
                        max_queue_len=args.max_queue_len, max_tokens_per_request=args.max_tokens_per_request,
                        request_timeout_s=args.request_timeout_s,
@@ -196,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (bounds a prefill chunk); default 256 on CPU, 16384 on GPU")
-    p.add_argument("--padded-dispatch-max-rows", type=int, default=None,
-                   help="steps up to this many rows (tokens x shards) broadcast every token to every shard; larger "
-                        "ones send each shard only its tokens (exact mode, one count exchange per layer)")
     p.add_argument("--router-gpus", type=float, default=0)
     p.add_argument("--gpus-per-shard", type=float, default=0)
     p.add_argument("--collective-timeout-s", type=float, default=30.0)

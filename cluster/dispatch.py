@@ -3,25 +3,23 @@
 Rank 0 is the router; ranks 1..N are shards, shard i holding a contiguous range of experts of every layer. The
 router may hold the first of N+1 equal ranges itself (`local`, router_experts): it computes them between sending the
 rows and collecting the shards' answers, so they overlap the shards' compute and its GPU does not sit idle.
-Every step the router broadcasts a header (operation, token count, dispatch mode; while idle, a heartbeat header
-keeps the group's timeouts from firing); then, at each MoE layer, one collective carries the tokens' hidden states
-plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row: 24 bytes at top-2) to the
-shards, and a second one brings the weighted expert outputs back.
+Every step the router broadcasts a header (operation, token count, graphed; while idle, a heartbeat header keeps the
+group's timeouts from firing); then, at each MoE layer, one broadcast carries all the step's tokens' hidden states
+plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row: 24 bytes at top-2) to every
+shard, and one reduce sums the shards' [T, H] answers on the router. A shard computes only the (token, expert) pairs
+of its own experts and answers zeros for the rest; each token has at most top_k non-zero partials, so the sum is
+exact whatever order the backend adds them in (the router's share is its own experts' partial, or zeros).
+Sizes are known from the header, so a step runs with no device-to-host sync on any rank and no copies besides
+packing. Sending every shard every token costs the router's link no more than sending each shard only its tokens:
+the broadcast and the reduce are rings in which the router sends and receives T rows once, where an all_to_all of
+the routed rows moves about 1.3 T (3 shards, top-2) and needs each shard's count on the host first, a sync per layer.
+On 4x H100 the round trip of a 16384-token layer took 1.8 ms this way, 0.84x a bare all_to_all_single of only the
+routed rows and 2.8x faster than that count-exchange protocol (bench/results/gpu-cluster-h100x4-2026-11-28-*.md).
 
-Two dispatch modes give the same result:
-- padded: all T rows go to every shard in one broadcast (rows routed elsewhere carry no local experts and cost the
-  shard nothing), and one reduce sums the shards' [T, H] answers on the router (each token has at most top_k
-  non-zero partials, so the sum is exact whatever order the backend adds them in; the router's share is its own
-  experts' partial, or zeros). Sizes are known from the header:
-  no device-to-host sync per layer and no copies besides packing. The choice for decode-sized steps, where
-  latency, not bytes, is the cost, and always with a single shard (it gets every token anyway).
-- exact: the router first sends each shard its token count (one tiny all_to_all plus a sync), then only the routed
-  rows (all_to_all_single both ways). For large steps over several shards, where bytes dominate.
-
-A padded step can also be marked `graphed` in its header (the router's decode steps at a fixed batch size): the
-shard then runs all the step's layers with no host sync (ExpertPart.forward never syncs) and, on GPU, captures them in
-a CUDA graph the first time it sees that token count and replays it afterwards, as the router does on its side.
-The collectives captured on both sides are the same ones in the same order, so they still meet.
+A step can also be marked `graphed` in its header (the router's decode steps at a fixed batch size): the shard then
+runs all the step's layers from a CUDA graph, captured the first time it sees that token count and replayed
+afterwards, as the router does on its side. The collectives captured on both sides are the same ones in the same
+order, so they still meet.
 """
 
 from __future__ import annotations
@@ -35,11 +33,7 @@ import torch.distributed as dist
 from .step_graphs import StepGraphs
 
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
-MODE_PADDED, MODE_EXACT = 0, 1
 ROUTER_RANK = 0
-# Padded mode up to this many rows (tokens x shards) per step: above it the bytes wasted on rows a shard does not need
-# cost more than exact mode's per-layer count exchange + host sync (~0.2 ms on NVLink, about 4K rows of 12 KB).
-PADDED_MAX_ROWS = 4096
 
 
 class DispatchError(RuntimeError):
@@ -77,10 +71,9 @@ def _check_alignment(hidden: int, dtype: torch.dtype) -> None:
 class StepTimes:
     """Seconds spent per part of the MoE path, summed over layers and steps (router side)."""
 
-    dispatch: float = 0.0  # packing + the all_to_all to the shards
-    experts: float = 0.0  # the router's own experts, if any, and waiting for the shards' answer (their compute + the
-    # all_to_all back)
-    combine: float = 0.0  # summing the answers with the routing weights applied
+    dispatch: float = 0.0  # packing + the broadcast to the shards
+    experts: float = 0.0  # the router's own experts, if any, then the reduce, which waits for the shards' compute and
+    # sums their answers (the combine)
     layers: int = 0
     bytes_sent: int = 0
     samples: list[float] = field(default_factory=list)  # per-layer round trips, for histograms
@@ -89,19 +82,13 @@ class StepTimes:
 class RouterDispatcher:
     """Router side: the `moe(layer, h, ids, weights)` callable the router model runs at each MoE layer."""
 
-    def __init__(self, num_shards: int, num_experts: int, hidden: int, top_k: int, device,
-                 padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False, local=None):
+    def __init__(self, device, sync_timing: bool = False, local=None):
         """local: the router's own share of the experts (an ExpertPart holding the first of num_shards + 1 ranges),
         or None (the shards hold them all)."""
-        self.num_shards, self.hidden, self.top_k = num_shards, hidden, top_k
         self.local = local
-        self.first_shard_holder = int(local is not None)  # shard s holds range s + this of the equal ranges
-        self.experts_per_holder = num_experts // (num_shards + self.first_shard_holder)
         self.device = torch.device(device)
-        self.padded_max_rows = padded_max_rows
         self.sync_timing = sync_timing
         self.times = StepTimes()
-        self.mode = MODE_PADDED
         self.num_tokens = 0
         self.graphed = False
         # learned from eager steps, for the bytes of graphed ones (a replayed graph runs no Python to count them)
@@ -113,19 +100,16 @@ class RouterDispatcher:
         return time.perf_counter()
 
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
-        """graphed: this step's layers run with no host sync (padded mode), captured in / replayed from a CUDA graph
-        on GPU, on both sides."""
+        """graphed: this step's layers are captured in / replayed from a CUDA graph on GPU, on both sides."""
         if self._calls:
             self.layers_per_step, self._calls = self._calls, 0
         self.num_tokens, self.graphed = num_tokens, graphed
-        padded = graphed or self.num_shards == 1 or num_tokens * self.num_shards <= self.padded_max_rows
-        self.mode = MODE_PADDED if padded else MODE_EXACT
         if graphed:
-            self.times.bytes_sent += num_tokens * self._row_bytes * self.num_shards * self.layers_per_step
-        self._send_header(OP_STEP, num_tokens, self.mode, int(graphed))
+            self.times.bytes_sent += num_tokens * self._row_bytes * self.layers_per_step
+        self._send_header(OP_STEP, num_tokens, int(graphed))
 
-    def _send_header(self, op: int, num_tokens: int = 0, mode: int = 0, graphed: int = 0) -> None:
-        header = torch.tensor([op, num_tokens, mode, graphed], dtype=torch.long)
+    def _send_header(self, op: int, num_tokens: int = 0, graphed: int = 0) -> None:
+        header = torch.tensor([op, num_tokens, graphed], dtype=torch.long)
         if self.device.type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU to drain
             header = header.pin_memory().to(self.device, non_blocking=True)
         _collective(dist.broadcast, header, src=ROUTER_RANK)
@@ -139,8 +123,7 @@ class RouterDispatcher:
         self._send_header(OP_HEARTBEAT)
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T, N = h.shape[0], self.num_shards
-        assert T == self.num_tokens, "begin_step was not called with this step's token count"
+        assert h.shape[0] == self.num_tokens, "begin_step was not called with this step's token count"
         if self.graphed:  # no timing (it would sync inside a capture), bytes counted by begin_step
             _collective(dist.broadcast, pack_rows(h, ids, weights), src=ROUTER_RANK)
             out = self._local_share(layer, h, ids, weights)
@@ -150,37 +133,16 @@ class RouterDispatcher:
         t0 = self._time()
         rows = pack_rows(h, ids, weights)
         self._row_bytes = rows.shape[1] * rows.element_size()
-        if self.mode == MODE_PADDED:
-            self.times.bytes_sent += rows.numel() * rows.element_size() * N
-            _collective(dist.broadcast, rows, src=ROUTER_RANK)
-            t2 = self._time()
-            out = self._local_share(layer, h, ids, weights)  # the router's own share of the sum
-            _collective(dist.reduce, out, dst=ROUTER_RANK)
-            t3 = t4 = self._time()
-        else:
-            shard_of = ids // self.experts_per_holder - self.first_shard_holder  # [T, K]; -1: the router's own
-            routed = torch.stack([(shard_of == s).any(-1) for s in range(N)])  # [N, T]
-            shard_idx, token_index = routed.nonzero(as_tuple=True)  # grouped by shard, token order within
-            counts = torch.zeros(N + 1, dtype=torch.long, device=h.device)
-            counts[1:] = routed.sum(-1)
-            _collective(dist.all_to_all_single, torch.empty_like(counts), counts)
-            splits = counts.tolist()
-            send = rows[token_index]
-            self.times.bytes_sent += send.numel() * send.element_size()
-            recv_rows = h.new_empty(send.shape[0], h.shape[1])
-            # forward: router -> shards (router receives nothing); backward: shards -> router (router sends nothing)
-            _collective(dist.all_to_all_single, rows.new_empty(0, rows.shape[1]), send, [0] * (N + 1), splits)
-            t2 = self._time()
-            out = self._local_share(layer, h, ids, weights)
-            _collective(dist.all_to_all_single, recv_rows, h.new_empty(0, h.shape[1]), splits, [0] * (N + 1))
-            t3 = self._time()
-            out.index_add_(0, token_index, recv_rows)
-            t4 = self._time()
-        self.times.dispatch += t2 - t0
-        self.times.experts += t3 - t2
-        self.times.combine += t4 - t3
+        self.times.bytes_sent += rows.numel() * rows.element_size()  # once: the broadcast is a ring
+        _collective(dist.broadcast, rows, src=ROUTER_RANK)
+        t1 = self._time()
+        out = self._local_share(layer, h, ids, weights)  # the router's own share of the sum
+        _collective(dist.reduce, out, dst=ROUTER_RANK)
+        t2 = self._time()
+        self.times.dispatch += t1 - t0
+        self.times.experts += t2 - t1
         if self.device.type != "cuda" or self.sync_timing:  # unsynced GPU times would be launch times
-            self.times.samples.append(t4 - t0)
+            self.times.samples.append(t2 - t0)
         self.times.layers += 1
         return out
 
@@ -208,9 +170,9 @@ class ShardWorker:
 
     def serve(self) -> None:
         while True:
-            header = torch.empty(4, dtype=torch.long, device=self.device)
+            header = torch.empty(3, dtype=torch.long, device=self.device)
             _collective(dist.broadcast, header, src=ROUTER_RANK)
-            op, num_tokens, mode, graphed = header.tolist()
+            op, num_tokens, graphed = header.tolist()
             self._read_compute_times()  # the header's read waited for the previous step's work
             if op == OP_SHUTDOWN:
                 self.graphs.clear()  # before the group is destroyed
@@ -222,7 +184,7 @@ class ShardWorker:
                 self.tokens_computed += num_tokens * self.num_layers
                 continue
             for layer in range(self.num_layers):
-                self._layer(layer, num_tokens, mode)
+                self._layer(layer, num_tokens)
 
     def _no_sync_step(self, num_tokens: int) -> None:
         for layer in range(self.num_layers):
@@ -231,35 +193,22 @@ class ShardWorker:
             x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
             _collective(dist.reduce, self.experts.forward(layer, x, ids, weights), dst=ROUTER_RANK)
 
-    def _layer(self, layer: int, num_tokens: int, mode: int) -> None:
-        W = self.world
-        if mode == MODE_EXACT:
-            counts = torch.zeros(W, dtype=torch.long, device=self.device)
-            _collective(dist.all_to_all_single, counts, torch.zeros_like(counts))
-            n = int(counts[ROUTER_RANK])
-            rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
-            _collective(dist.all_to_all_single, rows, rows.new_empty(0, self.width), [n] + [0] * (W - 1), [0] * W)
-        else:
-            n = num_tokens
-            rows = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
-            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+    def _layer(self, layer: int, num_tokens: int) -> None:
+        rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
+        _collective(dist.broadcast, rows, src=ROUTER_RANK)
         x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
         if self.device.type == "cuda":  # timed by events, read after the step: a host clock would time the launches
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            y = self.experts.forward(layer, x, ids, weights).contiguous()
+            y = self.experts.forward(layer, x, ids, weights)
             end.record()
             self._timed.append((start, end))
         else:
             t0 = time.perf_counter()
-            y = self.experts.forward(layer, x, ids, weights).contiguous()
+            y = self.experts.forward(layer, x, ids, weights)
             self._observe(time.perf_counter() - t0)
-        self.tokens_computed += n
-        if mode == MODE_EXACT:
-            _collective(dist.all_to_all_single, x.new_empty(0, self.hidden), y, [0] * W, [n] + [0] * (W - 1))
-        else:
-            _collective(dist.reduce, y, dst=ROUTER_RANK)
-
+        self.tokens_computed += num_tokens
+        _collective(dist.reduce, y, dst=ROUTER_RANK)
 
     def _read_compute_times(self) -> None:
         for start, end in self._timed:

@@ -16,7 +16,7 @@ from model_shards.config import ModelConfig
 from model_shards.expert_part import ExpertPart, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part
 
-from .dispatch import PADDED_MAX_ROWS, DispatchError, RouterDispatcher, ShardWorker
+from .dispatch import DispatchError, RouterDispatcher, ShardWorker
 
 
 class LocalExperts:
@@ -177,14 +177,12 @@ class RendezvousShardGroup(FormedGroup):
     forms, rendezvous() has every shard asked to join a fresh store and returns that store's (host, port); this
     process then joins as rank 0."""
 
-    def __init__(self, rendezvous, num_shards: int, cfg: ModelConfig, device, timeout_s: float = 30.0,
-                 join_timeout_s: float = 300.0, padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False,
-                 local: ExpertPart | None = None):
+    def __init__(self, rendezvous, num_shards: int, device, timeout_s: float = 30.0,
+                 join_timeout_s: float = 300.0, sync_timing: bool = False, local: ExpertPart | None = None):
         """local: the router's own share of the experts (load_router_share), or None."""
         self.rendezvous, self.num_shards, self.device = rendezvous, num_shards, torch.device(device)
         self.timeout_s, self.join_timeout_s = timeout_s, join_timeout_s
-        self.dispatcher = RouterDispatcher(num_shards, cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok,
-                                           self.device, padded_max_rows, sync_timing, local)
+        self.dispatcher = RouterDispatcher(self.device, sync_timing, local)
         self.healthy = False
         self.start()
 
@@ -207,15 +205,15 @@ class ProcessShardGroup(FormedGroup):
     """N expert shards as child processes of the router (plain processes, no Ray)."""
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
-                 padded_max_rows: int = PADDED_MAX_ROWS, sync_timing: bool = False, join_timeout_s: float = 300.0,
-                 expert_dtype: str | None = None, local: ExpertPart | None = None):
+                 sync_timing: bool = False, join_timeout_s: float = 300.0, expert_dtype: str | None = None,
+                 local: ExpertPart | None = None):
         """local: the router's own share of the experts (load_router_share), or None."""
-        self.cfg = ModelConfig.from_file(model_path)
-        shard_expert_range(self.cfg.num_local_experts, num_shards, 0, local is not None)  # validates the split
+        cfg = ModelConfig.from_file(model_path)
+        shard_expert_range(cfg.num_local_experts, num_shards, 0, local is not None)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
         self.join_timeout_s, self.expert_dtype = join_timeout_s, expert_dtype
-        self.padded_max_rows, self.sync_timing, self.local = padded_max_rows, sync_timing, local
+        self.sync_timing, self.local = sync_timing, local
         self.procs: list[mp.Process] = []
         self.dispatcher: RouterDispatcher | None = None
         self.healthy = False
@@ -238,9 +236,7 @@ class ProcessShardGroup(FormedGroup):
         except Exception as e:
             self._kill()
             raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e
-        self.dispatcher = RouterDispatcher(self.num_shards, self.cfg.num_local_experts, self.cfg.hidden_size,
-                                           self.cfg.num_experts_per_tok, self.device, self.padded_max_rows,
-                                           self.sync_timing, self.local)
+        self.dispatcher = RouterDispatcher(self.device, self.sync_timing, self.local)
         self.healthy = True
 
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:

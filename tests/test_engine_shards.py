@@ -27,21 +27,19 @@ def expected(reference_parts):
     return prompts, [greedy_reference(*reference_parts, p, GREEDY.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("shards, padded_max_rows, warmup, graphs, router_experts",
-                         [(1, 512, False, False, False), (2, 512, False, False, False), (4, 512, False, False, False),
-                          (2, 0, False, False, False), (2, 512, True, False, False), (2, 0, False, True, False),
-                          (3, 0, False, False, True), (1, 0, False, True, True)],
-                         ids=["1shard", "2shards", "4shards", "2shards-exact-dispatch", "2shards-after-warmup",
-                              "2shards-fixed-size-decode", "router+3shards-exact-dispatch",
-                              "router+1shard-fixed-size-decode"])
-def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, padded_max_rows, warmup, graphs,
-                                               router_experts):
-    """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches,
-    `graphed` headers, the shards' no-sync expert path; prefill steps in exact mode. router_experts: the router
-    computes the first of shards + 1 equal shares of the experts itself.)"""
+@pytest.mark.parametrize("shards, warmup, graphs, router_experts",
+                         [(1, False, False, False), (2, False, False, False), (4, False, False, False),
+                          (2, True, False, False), (2, False, True, False), (3, False, False, True),
+                          (1, False, True, True)],
+                         ids=["1shard", "2shards", "4shards", "2shards-after-warmup", "2shards-fixed-size-decode",
+                              "router+3shards", "router+1shard-fixed-size-decode"])
+def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, warmup, graphs, router_experts):
+    """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches and
+    `graphed` headers. router_experts: the router computes the first of shards + 1 equal shares of the experts
+    itself.)"""
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
-                       padded_dispatch_max_rows=padded_max_rows, collective_timeout_s=60, warmup=warmup,
+                       collective_timeout_s=60, warmup=warmup,
                        cuda_graphs=graphs, router_experts=router_experts)
     with Engine(cfg) as engine:
         local = engine.experts.dispatcher.local

@@ -24,7 +24,7 @@ from model_shards.expert_part import shard_expert_range
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
-from ..dispatch import PADDED_MAX_ROWS, DispatchError
+from ..dispatch import DispatchError
 from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup, RendezvousShardGroup, load_router_share
 from .cache_manager import CacheManager
@@ -79,7 +79,6 @@ class EngineConfig:
     kv_block_size: int = 16
     cache_memory_gb: float | None = None  # state slots + KV blocks; default: 0.5 GB on CPU, 85% of free GPU memory
     collective_timeout_s: float = 30.0
-    padded_dispatch_max_rows: int | None = None  # see cluster/dispatch.py; None: PADDED_MAX_ROWS
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
     # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On
@@ -145,8 +144,6 @@ class Engine:
         self.device = torch.device(config.device)
         if config.max_num_batched_tokens is None:
             config = replace(config, max_num_batched_tokens=STEP_TOKENS[self.device.type])
-        if config.padded_dispatch_max_rows is None:
-            config = replace(config, padded_dispatch_max_rows=PADDED_MAX_ROWS)
         self.config = config
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
         self.model_config = cfg = ModelConfig.from_file(config.model)
@@ -164,15 +161,13 @@ class Engine:
             local = (load_router_share(config.model, config.expert_shards, self.dtype, self.device,
                                        config.expert_dtype) if config.router_experts else None)
             if rendezvous is not None:
-                self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, cfg, self.device,
-                                                    config.collective_timeout_s,
-                                                    padded_max_rows=config.padded_dispatch_max_rows,
-                                                    sync_timing=config.profile, local=local)
+                self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, self.device,
+                                                    config.collective_timeout_s, sync_timing=config.profile,
+                                                    local=local)
             else:
                 self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
-                                                 config.collective_timeout_s, config.padded_dispatch_max_rows,
-                                                 sync_timing=config.profile, expert_dtype=config.expert_dtype,
-                                                 local=local)
+                                                 config.collective_timeout_s, sync_timing=config.profile,
+                                                 expert_dtype=config.expert_dtype, local=local)
         else:
             self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device,
                                                          expert_dtype=config.expert_dtype))
