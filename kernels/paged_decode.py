@@ -84,8 +84,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head) so that the launch has about two programs per SM (1 at large batch)."""
-    return max(1, min(MAX_SPLITS, 2 * _sm_count(device) // (batch * kv_heads)))
+    """Splits per (sequence, KV head) so that the launch has up to about two programs per SM (1 at large batch),
+    rounded down to a power of two. SPLITS is a compile-time constant, so every distinct value is a kernel compile:
+    powers of two are the values the decode steps at the CUDA-graph sizes (1, 2, 4, 8, 16, ...) already compile in
+    the engine's warm-up. Any count (a mixed step's 3 or 5 decoding sequences gave 11 or 6 on 132 SMs) compiled
+    inside users' requests the first time it came up."""
+    fit = 2 * _sm_count(device) // (batch * kv_heads)
+    return min(MAX_SPLITS, 1 << (fit.bit_length() - 1)) if fit > 1 else 1
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -40,7 +40,11 @@ CHECK = textwrap.dedent("""
     from kernels.paged_decode import MAX_SPLITS, num_splits
     cpu = torch.device("cpu")  # counted as 8 SMs
     assert num_splits(1, 2, cpu) == 8 and num_splits(64, 8, cpu) == 1 and num_splits(1, 1, cpu) == 16
+    assert num_splits(3, 1, cpu) == 4 and num_splits(5, 1, cpu) == 2  # 5 and 3 programs' worth: powers of two
     assert MAX_SPLITS >= 16
+    # every batch size maps to a count that a power-of-two batch size (a CUDA-graph size) already uses
+    by_graph_size = {num_splits(b, 8, cpu) for b in (1, 2, 4, 8, 16, 32, 64)}
+    assert {num_splits(b, 8, cpu) for b in range(1, 300)} <= by_graph_size
     print("OK")
 """)
 
