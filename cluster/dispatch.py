@@ -161,7 +161,6 @@ class ShardWorker:
         self.dtype, self.device = dtype, torch.device(device)
         _check_alignment(hidden, dtype)
         self.width = hidden + meta_columns(dtype, top_k)
-        self.world = dist.get_world_size()
         self.compute_seconds = 0.0
         self.tokens_computed = 0
         self.observe_compute = observe_compute  # called with each layer's compute seconds
@@ -180,35 +179,33 @@ class ShardWorker:
             if op == OP_HEARTBEAT:
                 continue
             if graphed:  # first time at this size the router runs its side eagerly too, then both capture
-                self.graphs(num_tokens, lambda: self._no_sync_step(num_tokens))
-                self.tokens_computed += num_tokens * self.num_layers
-                continue
-            for layer in range(self.num_layers):
-                self._layer(layer, num_tokens)
+                self.graphs(num_tokens, lambda: self._step(num_tokens, timed=False))
+            else:
+                self._step(num_tokens, timed=True)
+            self.tokens_computed += num_tokens * self.num_layers
 
-    def _no_sync_step(self, num_tokens: int) -> None:
+    def _step(self, num_tokens: int, timed: bool) -> None:
+        """All the step's MoE layers. timed: each layer's expert compute is timed (not inside a CUDA-graph capture)."""
         for layer in range(self.num_layers):
             rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
             x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
-            _collective(dist.reduce, self.experts.forward(layer, x, ids, weights), dst=ROUTER_RANK)
+            y = self._timed_forward(layer, x, ids, weights) if timed else self.experts.forward(layer, x, ids, weights)
+            _collective(dist.reduce, y, dst=ROUTER_RANK)
 
-    def _layer(self, layer: int, num_tokens: int) -> None:
-        rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
-        _collective(dist.broadcast, rows, src=ROUTER_RANK)
-        x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
-        if self.device.type == "cuda":  # timed by events, read after the step: a host clock would time the launches
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            y = self.experts.forward(layer, x, ids, weights)
-            end.record()
-            self._timed.append((start, end))
-        else:
+    def _timed_forward(self, layer: int, x, ids, weights) -> torch.Tensor:
+        if self.device.type != "cuda":
             t0 = time.perf_counter()
             y = self.experts.forward(layer, x, ids, weights)
             self._observe(time.perf_counter() - t0)
-        self.tokens_computed += num_tokens
-        _collective(dist.reduce, y, dst=ROUTER_RANK)
+            return y
+        # timed by events, read after the step: a host clock would time the launches
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y = self.experts.forward(layer, x, ids, weights)
+        end.record()
+        self._timed.append((start, end))
+        return y
 
     def _read_compute_times(self) -> None:
         for start, end in self._timed:
