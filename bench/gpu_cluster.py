@@ -761,6 +761,12 @@ def step_seconds(metrics_text: str) -> dict:
             for k, v in sorted(totals.items())}
 
 
+def kernel_builds(log_text: str) -> list[str]:
+    """The server's "triton kernel built" lines (kernels.triton_utils.log_kernel_builds), without the log prefixes."""
+    marker = "triton kernel built"
+    return [marker + line.split(marker, 1)[1] for line in log_text.splitlines() if marker in line]
+
+
 def phase_serve(args) -> dict:
     from model_shards.config import ModelConfig
 
@@ -809,11 +815,17 @@ def phase_serve(args) -> dict:
             result["warmup"] = {k: w[k] for k in ("ok", "errors", "wall_s")}
         result["client_warmup"] = args.client_warmup
         save(args, "serve", result)
+        result["warmup_kernel_builds"] = len(kernel_builds(log_path.read_text(errors="replace")))
+        workload_start = log_path.stat().st_size
         main = asyncio.run(_workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens,
                                      cfg.vocab_size, 2))
         result["workload"] = main
+        with open(log_path, errors="replace") as f:
+            f.seek(workload_start)
+            result["workload_kernel_builds"] = kernel_builds(f.read())
         print(f"[serve] {main['ok']}/{args.concurrency} ok, {main['output_tok_s']:.1f} output tok/s, TTFT p50 "
-              f"{main['ttft_ms']['p50']} ms, ITL p50 {main['itl_ms']['p50']} ms", flush=True)
+              f"{main['ttft_ms']['p50']} ms, ITL p50 {main['itl_ms']['p50']} ms, kernels built during it "
+              f"{len(result['workload_kernel_builds'])}", flush=True)
         save(args, "serve", result)
         try:
             import urllib.request
@@ -1011,6 +1023,11 @@ def report(args, phase_status: dict) -> dict:
                 f"{fmt(v['p90_ms_le'])} ms" for k, v in steps.items()) +
                 ". `ahead` = decode steps launched before the previous one's tokens were read; the mean is Ray's "
                 "(bucket midpoints), the percentiles are bucket upper bounds.")
+        builds = (data["serve"] or {}).get("workload_kernel_builds")
+        if builds is not None:
+            L.append(f"\nTriton kernel variants built during the workload (after the server's warm-up, which built "
+                     f"{(data['serve'] or {}).get('warmup_kernel_builds')} in all processes): **{len(builds)}**"
+                     + "".join(f"\n- `{b[:300]}`" for b in builds[:20]))
         L.append("")
     singles = (data["serve"] or {}).get("single")
     if singles:

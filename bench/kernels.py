@@ -9,10 +9,12 @@ Runs a correctness gate on GPU first (fp64 recurrence / references), then times 
                      one call per sequence as vLLM runs it) | torch blockwise reference
   lightning decode:  ours | fla fused_recurrent_simple_gla (contiguous states, and with the gather/scatter a slot
                      pool needs) | vLLM linear_decode_forward_triton (same slot pool, in place) | torch reference
-  experts:           ours (the engine's dispatcher: Triton, or the grouped_mm path above 96 rows per expert) | ours
-                     Triton only | ours int8 weight-only | torch._grouped_mm pipeline | per-expert matmul reference
+  experts:           ours (the engine's path, group sizes on the device: Triton, or the grouped_mm path above 96 rows
+                     per expert) | ours Triton only (host group sizes) | ours int8 weight-only | torch._grouped_mm
+                     pipeline | per-expert matmul reference
   experts graph:     decode sizes (<= 32 rows) replayed from a CUDA graph (do_bench_cudagraph), as graphed decode steps
                      run them: ours (group sizes on the device, fixed grid) | torch._grouped_mm pipeline
+  combine:           each token's K expert rows summed back: ours (Triton, no atomics) | index_add_ | torch gather+sum
 Also measures copy bandwidth and the bf16 GEMM rate, and reports each row as a fraction of its roofline floor
 t_floor = max(min_bytes / copy_bw, flops / gemm_rate). Timing: triton.testing.do_bench median (L2 flushed between
 reps), the whole table repeated --repeat times (contenders interleaved), median of the repeats and their spread.
@@ -39,9 +41,10 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.experts import grouped_swiglu, grouped_swiglu_no_sync  # noqa: E402
+from kernels.experts import combine_pairs, grouped_swiglu_no_sync  # noqa: E402
 from kernels.experts.grouped import grouped_swiglu_grouped_mm, grouped_swiglu_triton  # noqa: E402
 from kernels.experts.reference import dequantize_int8, quantize_int8  # noqa: E402
+from kernels.experts.reference import combine_pairs as combine_reference  # noqa: E402
 from kernels.experts.reference import grouped_swiglu as experts_reference  # noqa: E402
 from kernels.lightning import lightning_attention  # noqa: E402
 from kernels.lightning.decode import lightning_decode_pool  # noqa: E402
@@ -223,18 +226,25 @@ def correctness_gate() -> dict:
     yg = torch.full_like(x, float("nan"))
     grouped_swiglu_grouped_mm(x, sizes, w13, w2, wts, out=yg)
     res["experts_grouped_mm_relL2"] = rel(yg, ref64)
-    # the dispatcher: 115 rows per expert -> the grouped_mm path; 4 rows per expert -> the Triton kernel
+    # the engine's path (ExpertPart.forward): group sizes as a device tensor, 7 rows after them that are no expert's
+    # (NaN here: they must not leak into the experts' rows); many rows per expert -> grouped_mm, few -> Triton
+    xp = torch.cat([x, torch.full((7, Hd), float("nan"), device=DEV).bfloat16()])
+    wp = torch.cat([wts, torch.rand(7, device=DEV).bfloat16()])
+    counts = torch.tensor(sizes, device=DEV)
+    res["experts_no_sync_relL2"] = rel(grouped_swiglu_no_sync(xp, counts, w13, w2, wp)[:N], ref64)
+    res["experts_no_sync_grouped_mm_relL2"] = rel(
+        grouped_swiglu_no_sync(xp, counts, w13, w2, wp, rows_per_expert=200)[:N], ref64)
     small = [0, 5, 4, 3]
     res["experts_dispatch_matches"] = (
-        rel(grouped_swiglu(x, sizes, w13, w2, wts), yg) < 1e-6
-        and rel(grouped_swiglu(x[:12], small, w13, w2, wts[:12]),
+        rel(grouped_swiglu_no_sync(xp, counts, w13, w2, wp, rows_per_expert=200)[:N], yg) < 1e-6
+        and rel(grouped_swiglu_no_sync(x[:12], torch.tensor(small, device=DEV), w13, w2, wts[:12]),
                 grouped_swiglu_triton(x[:12], small, w13, w2, wts[:12])) < 1e-6)
-    # the graphed decode path: group sizes as a device tensor, 7 padding rows after them that must come out zero
-    xp = torch.cat([x, torch.randn(7, Hd, device=DEV).bfloat16()])
-    wp = torch.cat([wts, torch.rand(7, device=DEV).bfloat16()])
-    yc = grouped_swiglu_no_sync(xp, torch.tensor(sizes, device=DEV), w13, w2, wp)
-    res["experts_no_sync_relL2"] = rel(yc[:N], ref64)
-    res["experts_no_sync_pad_zero"] = bool((yc[N:] == 0).all())
+    # the combine: 300 tokens x top-2 over those rows in a random order; slots past the count are other shards'
+    slot = torch.randperm(N + 7, device=DEV)[:2 * 150].view(150, 2)
+    num_rows = torch.tensor([N], device=DEV)
+    yc = torch.cat([ref64[:N].bfloat16(), xp[N:]])
+    res["combine_relL2"] = rel(combine_pairs(yc, slot, num_rows), combine_reference(yc.double(), slot, num_rows))
+    res["combine_skips_past_count"] = bool(torch.isfinite(combine_pairs(yc, slot, num_rows)).all())
     q13, s13 = quantize_int8(w13)
     q2, s2 = quantize_int8(w2)
     y8 = torch.full_like(x, float("nan"))
@@ -248,7 +258,8 @@ def correctness_gate() -> dict:
           and res["decode_o_relL2_max"] < 1e-2 and res["decode_state_relL2_max"] < 1e-2 and res["decode_untouched"]
           and res["experts_relL2"] < 1e-2 and res["experts_int8_relL2"] < 1e-2
           and res["experts_grouped_mm_relL2"] < 1e-2
-          and res["experts_no_sync_relL2"] < 1e-2 and res["experts_no_sync_pad_zero"]
+          and res["experts_no_sync_relL2"] < 1e-2 and res["experts_no_sync_grouped_mm_relL2"] < 1e-2
+          and res["combine_relL2"] < 1e-2 and res["combine_skips_past_count"]
           and res["dispatch_prefill_matches_kernel"] and res["experts_dispatch_matches"])
     res["pass"] = bool(ok)
     return res
@@ -512,9 +523,6 @@ class ExpertsCase:
         self.out = torch.empty_like(self.x)
 
     def engine(self):
-        return lambda: grouped_swiglu(self.x, self.sizes, self.w13, self.w2, self.wts)
-
-    def engine_graphed(self):
         counts = torch.tensor(self.sizes, device=DEV)
         return lambda: grouped_swiglu_no_sync(self.x, counts, self.w13, self.w2, self.wts)
 
@@ -640,7 +648,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="also sweep kernel configs (adds a few minutes)")
     ap.add_argument("--quick", action="store_true", help="small subset of shapes")
-    ap.add_argument("--sections", default="prefill,decode,experts", help="which timing sections to run")
+    ap.add_argument("--sections", default="prefill,decode,experts,combine", help="which timing sections to run")
     ap.add_argument("--tune-only", action="store_true", help="run the gate and the sweeps, skip the timing table")
     ap.add_argument("--deadline-s", type=float, default=0,
                     help="skip further timing passes once another would end past this many seconds of timing")
@@ -782,13 +790,29 @@ def main():
                     record("experts", name, "torch._grouped_mm", case.grouped_mm(), case.bytes, case.flops)
                 record("experts", name, "per-expert matmul (reference)", case.torch_ref(), case.bytes, case.flops)
                 if M <= 32:  # decode sizes, launched the way graphed decode steps launch them
-                    err = rel(case.engine_graphed()(), ref) if rep == 0 else None
-                    record("experts graph", name, "ours (engine's graphed decode path)", case.engine_graphed(),
+                    err = rel(case.engine()(), ref) if rep == 0 else None
+                    record("experts graph", name, "ours (engine's graphed decode path)", case.engine(),
                            case.bytes, case.flops, err, timer=graph_ms)
                     if info["grouped_mm"]:
                         record("experts graph", name, "torch._grouped_mm", case.grouped_mm(), case.bytes, case.flops,
                                timer=graph_ms)
                 del case
+        for T in (64, 2048, 16384) if "combine" in sections else ():
+            # each token's top-2 expert rows (in expert order, as the shard's sort leaves them) summed back
+            Hd, K = 6144, 2
+            y = torch.randn(T * K, Hd, device=DEV).bfloat16()
+            slot = torch.randperm(T * K, device=DEV).view(T, K)
+            num_rows = torch.tensor([T * K], device=DEV)
+            token = torch.empty(T * K, dtype=torch.long, device=DEV)
+            token[slot.flatten()] = torch.arange(T, device=DEV).repeat_interleave(K)
+            nbytes = (T * K + T) * Hd * 2
+            err = rel(combine_pairs(y, slot, num_rows), combine_reference(y.double(), slot, num_rows)) \
+                if rep == 0 else None
+            name = f"T={T} K={K}"
+            record("combine", name, "ours", lambda: combine_pairs(y, slot, num_rows), nbytes, 0, err)
+            record("combine", name, "index_add_ (bf16 atomics)",
+                   lambda: torch.zeros(T, Hd, device=DEV, dtype=y.dtype).index_add_(0, token, y), nbytes, 0)
+            record("combine", name, "gather + sum (reference)", lambda: combine_reference(y, slot, num_rows), nbytes, 0)
         save()
 
     # table
@@ -827,7 +851,7 @@ def main():
     for s in summary:
         log(f"{s['section']:8} {s['shape']:18} speedup vs {s['vs']:38} {s['speedup']:5.2f}x   "
             f"ours at {s['floor_fraction'] * 100:3.0f}% of floor")
-    for section in ("prefill", "decode", "experts", "experts graph"):
+    for section in ("prefill", "decode", "experts", "experts graph", "combine"):
         sp = [s["speedup"] for s in summary if s["section"] == section]
         if sp:
             log(f"geomean speedup {section} (vs best other): {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from functools import lru_cache
 
 import torch
@@ -22,3 +24,27 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def log_kernel_builds(logger: logging.Logger) -> bool:
+    """Logs each Triton kernel variant this process builds (compiled, or loaded from Triton's disk cache) on its
+    first launch, with how long that took. After a server's warm-up every such line is a variant the warm-up missed,
+    built inside some user's request. Returns False where this Triton has no hooks for it."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    started: dict = {}
+
+    def before(**hook) -> bool:
+        started[hook["key"]] = time.perf_counter()
+        return False  # not handled here: build it
+
+    def after(**hook) -> None:
+        t0 = started.pop(hook["key"], None)
+        took = "" if t0 is None else f" in {(time.perf_counter() - t0) * 1e3:.0f} ms"
+        logger.info("triton kernel built%s: %s", took, hook["repr"])
+
+    knobs.runtime.jit_cache_hook = before
+    knobs.runtime.jit_post_compile_hook = after
+    return True

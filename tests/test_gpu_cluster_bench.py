@@ -124,3 +124,14 @@ def test_counter_total_sums_label_sets_of_that_counter_only():
                       "ray_m1serve_generation_tokens_created 5", 'ray_m1serve_prompt_tokens_total{replica="a"} 7'])
     assert g.counter_total(text, "ray_m1serve_generation_tokens") == 128.0
     assert g.counter_total(text, "ray_m1serve_missing") == 0
+
+
+def test_kernel_builds_picks_the_build_lines_of_any_process():
+    g = _bench()
+    text = "\n".join(["m1serve.engine: warm-up done in 12.0 s",
+                      "(ServeReplica:m1serve:ExpertShard_1 pid=7) m1serve.deployments: triton kernel built in 812 ms: "
+                      "_grouped_kernel[num_warps=8](x: *bf16)",
+                      "m1serve.engine: triton kernel built in 3 ms: _combine_kernel[num_warps=4](K: 2)"])
+    assert g.kernel_builds(text) == ["triton kernel built in 812 ms: _grouped_kernel[num_warps=8](x: *bf16)",
+                                     "triton kernel built in 3 ms: _combine_kernel[num_warps=4](K: 2)"]
+    assert g.kernel_builds("m1serve.engine: warm-up done in 12.0 s") == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -280,7 +281,7 @@ def test_combine_pairs(results):
 def test_dispatch_falls_back_on_cpu():
     import torch
 
-    from kernels.experts import grouped_swiglu, grouped_swiglu_reference
+    from kernels.experts import combine_pairs, grouped_swiglu_no_sync, grouped_swiglu_reference
     from kernels.lightning import lightning_attention, lightning_attention_reference
 
     torch.manual_seed(1)
@@ -291,8 +292,35 @@ def test_dispatch_falls_back_on_cpu():
     a = lightning_attention(q, k, v, slopes, p1, [2, 4], torch.tensor([0, 2]))
     b = lightning_attention_reference(q, k, v, slopes, p2, [2, 4], torch.tensor([0, 2]))
     assert torch.equal(a, b) and torch.equal(p1, p2)
-    x, w13, w2 = torch.rand(5, 8), torch.rand(2, 12, 8), torch.rand(2, 8, 6)
-    assert torch.equal(grouped_swiglu(x, [2, 3], w13, w2), grouped_swiglu_reference(x, [2, 3], w13, w2))
+    x, w13, w2 = torch.rand(6, 8), torch.rand(2, 12, 8), torch.rand(2, 8, 6)
+    y = grouped_swiglu_no_sync(x, torch.tensor([2, 3]), w13, w2)  # the 6th row is no expert's
+    assert torch.equal(y[:5], grouped_swiglu_reference(x[:5], [2, 3], w13, w2))
+    slot = torch.tensor([[0, 5], [4, 1]])  # row 5 is past the count: not summed
+    assert torch.equal(combine_pairs(y, slot, torch.tensor([5])), torch.stack([y[0], y[4] + y[1]]))
+
+
+def test_kernel_build_log(caplog):
+    """The hooks Triton calls around each kernel build (in-memory cache miss) log the variant and its build time."""
+    import logging
+
+    from triton import knobs
+
+    from kernels.triton_utils import log_kernel_builds
+
+    before, after = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    try:
+        assert log_kernel_builds(logging.getLogger("m1serve.test"))
+        with caplog.at_level(logging.INFO, logger="m1serve.test"):
+            key = ("sig", "opts")
+            assert not knobs.runtime.jit_cache_hook(key=key, repr="_k[num_warps=4](x: *bf16)", fn=None,
+                                                   compile={}, is_manual_warmup=False, already_compiled=False)
+            knobs.runtime.jit_post_compile_hook(key=key, repr="_k[num_warps=4](x: *bf16)", fn=None, compile={},
+                                                is_manual_warmup=False, already_compiled=False)
+        assert len(caplog.records) == 1
+        assert re.fullmatch(r"triton kernel built in \d+ ms: _k\[num_warps=4\]\(x: \*bf16\)",
+                            caplog.records[0].getMessage())
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
 
 
 if __name__ == "__main__":

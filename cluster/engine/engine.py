@@ -22,6 +22,7 @@ from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 from model_shards.config import ModelConfig
 from model_shards.expert_part import shard_expert_range
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
+from kernels.triton_utils import log_kernel_builds
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 from ..dispatch import DispatchError
@@ -142,6 +143,8 @@ class Engine:
         config.expert_shards > 0, shard processes of this engine, or shards started elsewhere that
         rendezvous() gathers (see RendezvousShardGroup)."""
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            log_kernel_builds(log)
         if config.max_num_batched_tokens is None:
             config = replace(config, max_num_batched_tokens=STEP_TOKENS[self.device.type])
         self.config = config

@@ -14,7 +14,7 @@ try:
     import triton  # noqa: F401
 
     from .combine import combine_pairs_triton
-    from .grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm, grouped_swiglu_triton
+    from .grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton
     HAVE_TRITON = False
@@ -36,24 +36,14 @@ def _triton_ok(x, w13, w2, w13_scale) -> bool:
             and w13.dtype == weight_dtype and w2.dtype == weight_dtype)
 
 
-def grouped_swiglu(x, group_sizes: list[int], w13, w2, weights=None, w13_scale=None, w2_scale=None):
-    """x [N, H] sorted by expert; see reference.grouped_swiglu for the contract (scales: int8 weight-only experts).
-    On a bf16/fp16 CUDA tensor with matching (or int8) weights: the Triton grouped GEMM, or torch._grouped_mm for
-    bf16 weights and many rows per expert; the reference otherwise."""
-    if _triton_ok(x, w13, w2, w13_scale):
-        touched = sum(1 for n in group_sizes if n)
-        if w13_scale is None and x.shape[0] > GROUPED_MM_MIN_ROWS * touched and _has_grouped_mm(x.device):
-            return grouped_swiglu_grouped_mm(x, group_sizes, w13, w2, weights)
-        return grouped_swiglu_triton(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
-    return grouped_swiglu_reference(x, group_sizes, w13, w2, weights, w13_scale, w2_scale)
-
-
 def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
                            rows_per_expert: float | None = None):
-    """grouped_swiglu with the group sizes as a tensor [E] on x's device, of which x's first sum(counts) rows are;
-    the rows after them are no expert's and their outputs are unspecified. On GPU nothing is read back and the
-    launches depend only on x's shape (CUDA-graph safe); elsewhere the reference. rows_per_expert: the rows an
-    expert is expected to get (default: x's rows over the E experts), which picks the kernel as in grouped_swiglu."""
+    """SwiGLU experts over rows sorted by expert (contract: reference.grouped_swiglu), with the group sizes as a
+    tensor [E] on x's device, of which x's first sum(counts) rows are; the rows after them are no expert's and their
+    outputs are unspecified. On a bf16/fp16 CUDA tensor with matching (or int8) weights nothing is read back and the
+    launches depend only on x's shape (CUDA-graph safe): torch._grouped_mm for bf16 weights and more than
+    GROUPED_MM_MIN_ROWS rows_per_expert (the rows an expert is expected to get; default: x's rows over the E
+    experts), else the Triton grouped kernel. The reference elsewhere."""
     if _triton_ok(x, w13, w2, w13_scale):
         if rows_per_expert is None:
             rows_per_expert = x.shape[0] / counts.shape[0]
@@ -77,4 +67,4 @@ def combine_pairs(y, slot: torch.Tensor, num_rows: torch.Tensor):
     return combine_pairs_reference(y, slot, num_rows)
 
 
-__all__ = ["combine_pairs", "grouped_swiglu", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
+__all__ = ["combine_pairs", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
