@@ -767,6 +767,19 @@ def kernel_builds(log_text: str) -> list[str]:
     return [marker + line.split(marker, 1)[1] for line in log_text.splitlines() if marker in line]
 
 
+def served_vs_hf(workload: dict | None, hf_rows: list[dict]) -> dict | None:
+    """The served workload's output tok/s over transformers' on the same workload (streams, prompt, output tokens)."""
+    if not workload or workload.get("ok") != workload.get("concurrency"):  # every stream completed
+        return None
+    for r in hf_rows:
+        if (not r.get("error") and r.get("output_tok_s")
+                and (r["concurrency"], r["prompt_len"], r["max_tokens"])
+                == (workload["concurrency"], workload["prompt_len"], workload["max_tokens"])):
+            return {"served": workload["output_tok_s"], "hf": r["output_tok_s"],
+                    "ratio": workload["output_tok_s"] / r["output_tok_s"]}
+    return None
+
+
 def phase_serve(args) -> dict:
     from model_shards.config import ModelConfig
 
@@ -787,7 +800,8 @@ def phase_serve(args) -> dict:
     env = dict(os.environ) | NCCL_SAFE | {"PYTHONPATH": os.pathsep.join(
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]),
         "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
-        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+        "RAY_DEDUP_LOGS": "0"}  # every process's kernel-build lines, not "[repeated 3x across cluster]"
     log_path = Path(args.work, "m1serve-server.log")
     log = open(log_path, "w")
     t0 = now()
@@ -1220,6 +1234,10 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(e and e['prefill_s'], 3)} | {fmt(same)} | "
                      f"{fmt(g and g['decode_tok_s'], 1)} | "
                      f"**{fmt(g['decode_tok_s'] / r['decode_tok_s'] if g and r['decode_tok_s'] else None, 1)}x** |")
+        ratio = served_vs_hf(sv, hf.get("rows") or [])
+        if ratio:
+            L.append(f"\nServed workload (Serve section, through HTTP) vs transformers on the same workload in this run: "
+                     f"{fmt(ratio['served'], 1)} vs {fmt(ratio['hf'], 1)} output tok/s = **{fmt(ratio['ratio'], 1)}x**.")
         L.append("")
     elif phase_status.get("hf"):
         L.append(f"## transformers generate\n\nno result ({phase_status['hf']}); see logs.txt\n")

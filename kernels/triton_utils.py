@@ -43,8 +43,20 @@ def log_kernel_builds(logger: logging.Logger) -> bool:
     def after(**hook) -> None:
         t0 = started.pop(hook["key"], None)
         took = "" if t0 is None else f" in {(time.perf_counter() - t0) * 1e3:.0f} ms"
-        logger.info("triton kernel built%s: %s", took, hook["repr"])
+        logger.info("triton kernel built%s: %s", took, " ".join(hook["repr"].split()))  # its arguments span lines
 
     knobs.runtime.jit_cache_hook = before
     knobs.runtime.jit_post_compile_hook = after
     return True
+
+
+def int32_rows(rows: list[list[int]], device) -> torch.Tensor:
+    """Equal-length int lists as one int32 tensor on `device`, each row starting 16-byte aligned. Triton specializes
+    pointer arguments on 16-byte alignment: rows packed back to back would start at offsets that depend on their
+    length (a batch's sequence count), and a length not seen in the warm-up would compile another kernel variant
+    inside a user's request."""
+    n = len(rows[0]) if rows else 0
+    out = torch.zeros(len(rows), -(-n // 4) * 4, dtype=torch.int32)
+    if n:
+        out[:, :n] = torch.tensor(rows, dtype=torch.int32)
+    return out.to(device, non_blocking=True)

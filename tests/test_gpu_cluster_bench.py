@@ -135,3 +135,14 @@ def test_kernel_builds_picks_the_build_lines_of_any_process():
     assert g.kernel_builds(text) == ["triton kernel built in 812 ms: _grouped_kernel[num_warps=8](x: *bf16)",
                                      "triton kernel built in 3 ms: _combine_kernel[num_warps=4](K: 2)"]
     assert g.kernel_builds("m1serve.engine: warm-up done in 12.0 s") == []
+
+
+def test_served_vs_hf_matches_the_same_workload_only():
+    g = _bench()
+    served = {"ok": 64, "concurrency": 64, "prompt_len": 1024, "max_tokens": 256, "output_tok_s": 7000.0}
+    rows = [{"concurrency": 1, "prompt_len": 1024, "max_tokens": 256, "output_tok_s": 14.0},
+            {"concurrency": 64, "prompt_len": 1024, "max_tokens": 64, "output_tok_s": 300.0},
+            {"concurrency": 64, "prompt_len": 1024, "max_tokens": 256, "output_tok_s": 350.0}]
+    assert g.served_vs_hf(served, rows) == {"served": 7000.0, "hf": 350.0, "ratio": 20.0}
+    assert g.served_vs_hf(served, rows[:2]) is None
+    assert g.served_vs_hf(served | {"ok": 63}, rows) is None  # a failed stream: no claim

@@ -314,13 +314,43 @@ def test_kernel_build_log(caplog):
             key = ("sig", "opts")
             assert not knobs.runtime.jit_cache_hook(key=key, repr="_k[num_warps=4](x: *bf16)", fn=None,
                                                    compile={}, is_manual_warmup=False, already_compiled=False)
-            knobs.runtime.jit_post_compile_hook(key=key, repr="_k[num_warps=4](x: *bf16)", fn=None, compile={},
-                                                is_manual_warmup=False, already_compiled=False)
+            knobs.runtime.jit_post_compile_hook(key=key, repr="_k[num_warps=4](x: *bf16,\n  n: i32)", fn=None,
+                                                compile={}, is_manual_warmup=False, already_compiled=False)
         assert len(caplog.records) == 1
-        assert re.fullmatch(r"triton kernel built in \d+ ms: _k\[num_warps=4\]\(x: \*bf16\)",
+        assert re.fullmatch(r"triton kernel built in \d+ ms: _k\[num_warps=4\]\(x: \*bf16, n: i32\)",
                             caplog.records[0].getMessage())
     finally:
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+
+
+def test_int32_rows_start_16_byte_aligned():
+    """Triton specializes pointers on 16-byte alignment: each row's start must not depend on the row length."""
+    from kernels.triton_utils import int32_rows
+
+    for n in (1, 2, 3, 4, 5, 7, 8):
+        rows = [list(range(n)), [10 + i for i in range(n)], [7] * n]
+        t = int32_rows(rows, "cpu")
+        assert t[:, :n].tolist() == rows
+        assert all(t[r].data_ptr() % 16 == 0 for r in range(3))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_warmup_builds_every_expert_tile_config(int8):
+    """Every step size picks an expert kernel (grouped_mm, or a Triton tile config) that one of the warm-up's step
+    sizes already built, at MiniMax-M1's routing (32 experts, top 2) and the engine's largest step."""
+    from cluster.engine.engine import warmup_step_tokens
+    from kernels.experts import GROUPED_MM_MIN_ROWS
+    from kernels.experts.grouped import default_config
+
+    def choice(tokens: int):
+        rows = tokens * 2 / 32  # ExpertPart.forward's rows_per_expert
+        if not int8 and rows > GROUPED_MM_MIN_ROWS:
+            return "grouped_mm"
+        return tuple(sorted(default_config(rows).items()))
+
+    step = 16384
+    built = {choice(t) for t in warmup_step_tokens(step)} | {choice(b) for b in (1, 2, 4, 8, 16, 32, 64)}
+    assert {choice(t) for t in range(1, step + 1)} <= built
 
 
 if __name__ == "__main__":

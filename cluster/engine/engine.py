@@ -55,6 +55,16 @@ def expert_holder_labels(num_experts: int, shards: int, router_experts: bool) ->
     return labels
 
 
+def warmup_step_tokens(max_num_batched_tokens: int) -> list[int]:
+    """The warm-up's step sizes before its full step: half a full step's tokens, a quarter, ... down to 16. The
+    kernels' tile configs change at powers of two of the rows per expert (kernels.experts), so these build each."""
+    sizes, n = [], max_num_batched_tokens
+    while n > 16:
+        n //= 2
+        sizes.append(n)
+    return sizes
+
+
 class QueueFull(RuntimeError):
     """Too many requests are waiting (HTTP 429 / gRPC RESOURCE_EXHAUSTED)."""
 
@@ -238,9 +248,7 @@ class Engine:
                 k = min(-(-total // longest), c.max_num_seqs)
                 return [total // k] * k
 
-            n = c.max_num_batched_tokens
-            while n > 16:
-                n //= 2
+            for n in warmup_step_tokens(c.max_num_batched_tokens):
                 run(*filling(n))
             # the full step's prompts take the first step alone; the short ones join their decode (a mixed step),
             # then all decode together

@@ -21,8 +21,10 @@ except ImportError:  # CPU-only installs without triton
 
 
 # Above this many rows per expert (bf16) the expert GEMMs are compute-bound and torch._grouped_mm (CUTLASS) is faster
-# than our Triton tiles; at or below it (decode: weight streaming) ours is 1.4-1.7x faster (H200, bench/kernels.py).
-GROUPED_MM_MIN_ROWS = 96
+# than our Triton tiles; at or below it (decode: weight streaming) ours is faster. On H100 ours is 1.1x faster at 64
+# rows, the grouped_mm path 1.08x faster at 128 (bench/results/kernels-h100-2026-11-28.md). A power of two, as the
+# Triton tile buckets' bounds are (grouped.default_config): the warm-up's halving step sizes then build every config.
+GROUPED_MM_MIN_ROWS = 64
 
 
 @lru_cache(maxsize=None)
@@ -49,7 +51,8 @@ def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_s
             rows_per_expert = x.shape[0] / counts.shape[0]
         if w13_scale is None and rows_per_expert > GROUPED_MM_MIN_ROWS and _has_grouped_mm(x.device):
             return grouped_swiglu_grouped_mm(x, counts, w13, w2, weights)
-        return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale)
+        return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale,
+                                     rows_per_expert=rows_per_expert)
     sizes = counts.tolist()
     n = sum(sizes)
     y = torch.zeros_like(x)

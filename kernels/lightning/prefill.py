@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import dot_dtype, sm_count
+from ..triton_utils import dot_dtype, int32_rows, sm_count
 
 
 @triton.jit
@@ -201,8 +201,7 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
     if not seg:
         # Longest sequences first so the tail of the grid is made of short programs.
         order = sorted(range(N), key=lambda i: -seq_lens[i])
-        meta = torch.tensor([[starts[i] for i in order], [seq_lens[i] for i in order], order], dtype=torch.int32)
-        meta = meta.to(q.device, non_blocking=True)
+        meta = int32_rows([[starts[i] for i in order], [seq_lens[i] for i in order], order], q.device)
         _prefill_kernel[(NV, H, N)](
             q, k, v, out, slopes, state_pool, meta[0], meta[1], slot_ids[meta[2].long()], *strides,
             state_pool.stride(0), state_pool.stride(1), D=D, BV=BV, C=C, DT=DT, STORE_STATE=True, **launch)
@@ -216,8 +215,8 @@ def lightning_prefill_varlen(q, k, v, slopes, state_pool, seq_lens: list[int], s
             seg_len.append(min(seg, st + n - a))
         count.append(len(seg_start) - first[-1])
     W = len(seg_start)
-    segs = torch.tensor([seg_start, seg_len, list(range(W))], dtype=torch.int32).to(q.device, non_blocking=True)
-    seqs = torch.tensor([first, count], dtype=torch.int32).to(q.device, non_blocking=True)
+    segs = int32_rows([seg_start, seg_len, list(range(W))], q.device)
+    seqs = int32_rows([first, count], q.device)
     ws = torch.empty(W, H, D, D, device=q.device, dtype=torch.float32)
     _segment_state_kernel[(NV, H, W)](
         k, v, slopes, ws, segs[0], segs[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
