@@ -9,7 +9,7 @@ Runs a correctness gate on GPU first (fp64 recurrence / references), then times 
                      one call per sequence as vLLM runs it) | torch blockwise reference
   lightning decode:  ours | fla fused_recurrent_simple_gla (contiguous states, and with the gather/scatter a slot
                      pool needs) | vLLM linear_decode_forward_triton (same slot pool, in place) | torch reference
-  experts:           ours (the engine's path, group sizes on the device: Triton, or the grouped_mm path above 96 rows
+  experts:           ours (the engine's path, group sizes on the device: Triton, or the grouped_mm path above 64 rows
                      per expert) | ours Triton only (host group sizes) | ours int8 weight-only | torch._grouped_mm
                      pipeline | per-expert matmul reference
   experts graph:     decode sizes (<= 32 rows) replayed from a CUDA graph (do_bench_cudagraph), as graphed decode steps
