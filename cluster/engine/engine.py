@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kernels.triton_utils import log_kernel_builds
 from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 from model_shards.config import ModelConfig
 from model_shards.expert_part import shard_expert_range
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
-from kernels.triton_utils import log_kernel_builds
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 from ..dispatch import DispatchError
