@@ -339,14 +339,11 @@ def test_warmup_builds_every_expert_tile_config(int8):
     """Every step size picks an expert kernel (grouped_mm, or a Triton tile config) that one of the warm-up's step
     sizes already built, at MiniMax-M1's routing (32 experts, top 2) and the engine's largest step."""
     from cluster.engine.engine import warmup_step_tokens
-    from kernels.experts import GROUPED_MM_MIN_ROWS
-    from kernels.experts.grouped import default_config
+    from kernels.experts import expert_kernel
 
     def choice(tokens: int):
-        rows = tokens * 2 / 32  # ExpertPart.forward's rows_per_expert
-        if not int8 and rows > GROUPED_MM_MIN_ROWS:
-            return "grouped_mm"
-        return tuple(sorted(default_config(rows).items()))
+        kernel = expert_kernel(tokens * 2 / 32, int8)  # ExpertPart.forward's rows_per_expert
+        return kernel if isinstance(kernel, str) else tuple(sorted(kernel.items()))
 
     step = 16384
     built = {choice(t) for t in warmup_step_tokens(step)} | {choice(b) for b in (1, 2, 4, 8, 16, 32, 64)}

@@ -14,7 +14,7 @@ try:
     import triton  # noqa: F401
 
     from .combine import combine_pairs_triton
-    from .grouped import grouped_swiglu_counts, grouped_swiglu_grouped_mm
+    from .grouped import default_config, grouped_swiglu_counts, grouped_swiglu_grouped_mm
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton
     HAVE_TRITON = False
@@ -38,21 +38,28 @@ def _triton_ok(x, w13, w2, w13_scale) -> bool:
             and w13.dtype == weight_dtype and w2.dtype == weight_dtype)
 
 
+def expert_kernel(rows_per_expert: float, int8: bool, grouped_mm: bool = True) -> str | dict:
+    """What the experts run on GPU when each gets about rows_per_expert rows: "grouped_mm" (bf16 weights, more than
+    GROUPED_MM_MIN_ROWS rows, a torch and GPU that have it), else the Triton grouped kernel's tile config."""
+    if not int8 and grouped_mm and rows_per_expert > GROUPED_MM_MIN_ROWS:
+        return "grouped_mm"
+    return default_config(rows_per_expert)
+
+
 def grouped_swiglu_no_sync(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
                            rows_per_expert: float | None = None):
     """SwiGLU experts over rows sorted by expert (contract: reference.grouped_swiglu), with the group sizes as a
     tensor [E] on x's device, of which x's first sum(counts) rows are; the rows after them are no expert's and their
     outputs are unspecified. On a bf16/fp16 CUDA tensor with matching (or int8) weights nothing is read back and the
-    launches depend only on x's shape (CUDA-graph safe): torch._grouped_mm for bf16 weights and more than
-    GROUPED_MM_MIN_ROWS rows_per_expert (the rows an expert is expected to get; default: x's rows over the E
-    experts), else the Triton grouped kernel. The reference elsewhere."""
+    launches depend only on x's shape (CUDA-graph safe): the kernel expert_kernel picks for rows_per_expert (the
+    rows an expert is expected to get; default: x's rows over the E experts). The reference elsewhere."""
     if _triton_ok(x, w13, w2, w13_scale):
         if rows_per_expert is None:
             rows_per_expert = x.shape[0] / counts.shape[0]
-        if w13_scale is None and rows_per_expert > GROUPED_MM_MIN_ROWS and _has_grouped_mm(x.device):
+        kernel = expert_kernel(rows_per_expert, w13_scale is not None, _has_grouped_mm(x.device))
+        if kernel == "grouped_mm":
             return grouped_swiglu_grouped_mm(x, counts, w13, w2, weights)
-        return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale,
-                                     rows_per_expert=rows_per_expert)
+        return grouped_swiglu_counts(x, counts, w13, w2, weights, w13_scale, w2_scale, config=kernel)
     sizes = counts.tolist()
     n = sum(sizes)
     y = torch.zeros_like(x)
@@ -70,4 +77,4 @@ def combine_pairs(y, slot: torch.Tensor, num_rows: torch.Tensor):
     return combine_pairs_reference(y, slot, num_rows)
 
 
-__all__ = ["combine_pairs", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
+__all__ = ["combine_pairs", "expert_kernel", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]

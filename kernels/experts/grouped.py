@@ -218,17 +218,17 @@ def grouped_swiglu_triton(x, group_sizes: list[int], w13, w2, weights=None, w13_
 
 
 def grouped_swiglu_counts(x, counts: torch.Tensor, w13, w2, weights=None, w13_scale=None, w2_scale=None,
-                          config: dict | None = None, rows_per_expert: float | None = None):
+                          config: dict | None = None):
     """Same result from per-expert row counts [E] on the device instead of a host list, with no host sync and a grid
     that depends only on x's shape (so it can be captured in a CUDA graph). x's first sum(counts) rows are the
-    experts' (sorted by expert); the rows after them get zeros. rows_per_expert: the rows an expert is expected to
-    get, which picks the tiles (default: all of x's rows over the E experts)."""
+    experts' (sorted by expert); the rows after them get zeros. config: the tiles (default: for all of x's rows over
+    the E experts)."""
     N = x.shape[0]
     y = torch.zeros_like(x)
     if N == 0:
         return y
     E = counts.shape[0]
-    cfg = config or default_config(rows_per_expert if rows_per_expert is not None else N / min(N, E))
+    cfg = config or default_config(N / min(N, E))
     # tiles for any split of N rows over E experts: sum ceil(c / BM) <= N // BM + (experts with rows) (one-token
     # steps: exactly one tile, no spare programs)
     table = counts.contiguous(), N // cfg["BM"] + min(N, E)
