@@ -216,6 +216,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             h = torch.randn(T, hidden, generator=gen).to(dev, dtype)
             shard_of = (ids // eps).cpu()
             routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # each shard's routed tokens
+            graphable = T <= 256  # decode sizes: what the engine replays from graphs
 
             def run_ours(warm: int, steps: int, graphed: bool = False):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
@@ -269,7 +270,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 raw_cpu, raw = time_steps(raw_layers, warm, steps, layers)
                 dist.barrier()
                 raw_graph = None
-                if T <= 256 and dev.type == "cuda":  # the same collectives replayed from a graph
+                if graphable and dev.type == "cuda":  # the same collectives replayed from a graph
                     graphs = StepGraphs(dev)
                     graphs(T, raw_layers)  # run once, captured
                     raw_graph = time_steps(lambda: graphs(T, raw_layers), warm, steps, layers)[1]
@@ -284,7 +285,6 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             if rank == 0:
                 ours_cpu, ours = timed
             dist.barrier()
-            graphable = T <= 256  # decode sizes: what the engine replays from graphs
             if graphable:
                 timed = run_ours(warm, steps, graphed=True)
                 if rank == 0:
@@ -312,7 +312,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 if graphable:
                     row["ours_graph_ms"] = ours_graph * 1e3
                     row["ours_graph_vs_raw"] = ours_graph / raw
-                if raw_graph is not None and graphable:
+                if raw_graph is not None:
                     row["raw_graph_ms"] = raw_graph * 1e3
                     row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
                 rows_out.append(row)
