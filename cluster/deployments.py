@@ -18,7 +18,6 @@ import grpc
 import ray
 import torch
 
-from kernels.triton_utils import log_kernel_builds
 from model_shards.config import ModelConfig
 from model_shards.expert_part import shard_expert_range
 from model_shards.loading import load_expert_part
@@ -58,7 +57,6 @@ class ExpertShard:
             torch.set_num_threads(1)
         else:
             torch.cuda.set_device(self.device)
-            log_kernel_builds(log)
         self.cfg = ModelConfig.from_file(model)
         self.shard = shard
         self.first, self.last = shard_expert_range(self.cfg.num_local_experts, num_shards, shard, router_experts)

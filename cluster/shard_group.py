@@ -4,6 +4,7 @@ uses: begin_step, moe, heartbeat, close, restart."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -12,11 +13,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from kernels.triton_utils import log_kernel_builds
 from model_shards.config import ModelConfig
 from model_shards.expert_part import ExpertPart, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part
 
 from .dispatch import DispatchError, RouterDispatcher, ShardWorker
+
+log = logging.getLogger("m1serve.shards")
 
 
 class LocalExperts:
@@ -87,6 +91,8 @@ def shard_store(host: str, port: int, world_size: int, join_timeout_s: float) ->
 def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: int, host: str, port: int,
                   device: torch.device, timeout_s: float, join_timeout_s: float, observe_compute=None) -> None:
     """A shard's life in one group: join, follow the router until shutdown or failure, leave the group."""
+    if device.type == "cuda":
+        log_kernel_builds(log)
     join_group(rank, world_size, shard_store(host, port, world_size, join_timeout_s), device, timeout_s,
                join_timeout_s)
     try:
