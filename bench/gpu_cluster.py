@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PHASES = ("env", "ckpt", "dispatch", "engine", "graphs", "serve", "longctx", "hf")
-CAPS = {"env": 60, "ckpt": 180, "dispatch": 75, "engine": 150, "graphs": 150, "serve": 240, "longctx": 150,
+CAPS = {"env": 60, "ckpt": 180, "dispatch": 120, "engine": 150, "graphs": 150, "serve": 240, "longctx": 150,
         "hf": 240}
 MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "graphs": 45, "serve": 70, "longctx": 45,
              "hf": 60}
@@ -176,7 +176,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
     import torch
     import torch.distributed as dist
 
-    from cluster.dispatch import RouterDispatcher, ShardWorker, meta_columns
+    from cluster.dispatch import LAYER_GRAPH_MAX_TOKENS, RouterDispatcher, ShardWorker, meta_columns
     from cluster.step_graphs import StepGraphs
 
     for k, v in NCCL_SAFE.items():
@@ -217,15 +217,18 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             shard_of = (ids // eps).cpu()
             routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # each shard's routed tokens
             graphable = T <= 256  # decode sizes: what the engine replays from graphs
+            layer_graphs = T <= LAYER_GRAPH_MAX_TOKENS  # eager steps' per-layer graphs (on CPU: their padded path)
 
-            def run_ours(warm: int, steps: int, graphed: bool = False):
+            def run_ours(warm: int, steps: int, graphed: bool = False, layer_graphs: bool | None = None):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
-                on the router, (host seconds, seconds) per layer over the last `steps`. graphed: the steps' layers
-                replayed from a CUDA graph on both sides (the engine's decode steps), the step header eager."""
+                on the router, (host seconds, seconds) per layer over the last `steps`, and whether a last step's
+                answers were right (one fewer token, so padded where it is replayed from graphs, new inputs at each
+                layer). graphed: the steps' layers replayed from a CUDA graph on both sides (the engine's decode
+                steps), the step header eager. layer_graphs: see RouterDispatcher (None: as the engine runs it)."""
                 if rank != 0:
                     ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
                     return None
-                disp = RouterDispatcher(dev)
+                disp = RouterDispatcher(dev, layer_graphs=layer_graphs)
                 graphs = StepGraphs(dev)
 
                 def moe_layers():
@@ -240,9 +243,20 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                         moe_layers()
 
                 timed = time_steps(step, warm, steps, layers)
+                right = None
+                if not graphed:  # every shard echoes its rows, so the sum is (shards) x h
+                    n = max(1, T - 1)
+                    disp.begin_step(n)
+                    right = True
+                    for layer in range(layers):
+                        x = torch.randn(n, hidden, device=dev).to(dtype)
+                        out = disp(layer, x, ids[:n], weights[:n]).float()
+                        right &= bool(torch.allclose(out, N * x.float(), rtol=2e-2, atol=2e-2))
+                    disp.finish_step()
                 graphs.clear()
+                disp.clear_graphs()
                 disp.shutdown()
-                return timed
+                return (*timed, right)
 
             def run_raw(counts: list[int]) -> tuple[float, float, float | None]:
                 """all_to_all_single of `counts` rows per shard (forward rows with routing meta, answers back): host
@@ -270,7 +284,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 raw_cpu, raw = time_steps(raw_layers, warm, steps, layers)
                 dist.barrier()
                 raw_graph = None
-                if graphable and dev.type == "cuda":  # the same collectives replayed from a graph
+                if layer_graphs and dev.type == "cuda":  # the same collectives replayed from a graph
                     graphs = StepGraphs(dev)
                     graphs(T, raw_layers)  # run once, captured
                     raw_graph = time_steps(lambda: graphs(T, raw_layers), warm, steps, layers)[1]
@@ -281,10 +295,15 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             warm = 3
             raw_exact = run_raw(routed)  # the fewest bytes any protocol must move: each shard's routed rows
             counts = [T] * N  # what ours sends: every token to every shard
-            timed = run_ours(warm, steps)
+            timed = run_ours(warm, steps, layer_graphs=layer_graphs)
             if rank == 0:
-                ours_cpu, ours = timed
+                ours_cpu, ours, ours_right = timed
             dist.barrier()
+            if layer_graphs:  # the same steps without the per-layer graphs
+                timed = run_ours(warm, steps, layer_graphs=False)
+                if rank == 0:
+                    plain_cpu, plain, plain_right = timed
+                dist.barrier()
             if graphable:
                 timed = run_ours(warm, steps, graphed=True)
                 if rank == 0:
@@ -308,13 +327,20 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                        "exact_bytes_per_layer": sum(routed) * (width + hidden) * elem,
                        "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
                        "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
-                       "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3}
+                       "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3, "ours_right": ours_right,
+                       "layer_graphs": layer_graphs}
+                if layer_graphs:
+                    row.update({"ours_plain_ms": plain * 1e3, "ours_plain_host_ms": plain_cpu * 1e3,
+                                "plain_ratio_exact": plain / raw_exact[1], "ours_plain_right": plain_right})
                 if graphable:
                     row["ours_graph_ms"] = ours_graph * 1e3
                     row["ours_graph_vs_raw"] = ours_graph / raw
                 if raw_graph is not None:
                     row["raw_graph_ms"] = raw_graph * 1e3
-                    row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
+                    row["raw_exact_graph_ms"] = raw_exact[2] * 1e3
+                    row["ratio_exact_graph"] = ours / raw_exact[2]
+                    if graphable:
+                        row["ours_graph_vs_raw_graph"] = ours_graph / raw_graph
                 rows_out.append(row)
     if rank == 0:
         Path(result_path).write_text(json.dumps(rows_out))
@@ -340,7 +366,7 @@ def phase_dispatch(args) -> dict:
         from bench.make_scaled_checkpoint import scaled_config
         cfg = scaled_config(args.layers, args.vocab, args.full_every, args.tiny)
     world = args.shards + 1
-    sizes = [1, 8, 64, 256, 1024, 4096, 16384] if not args.tiny else [1, 8, 64, 256]
+    sizes = [1, 8, 64, 256, 1024, 2048, 4096, 16384] if not args.tiny else [1, 8, 64, 256]
     # the checkpoint's MoE layers per step, and MiniMax-M1's 80 (the step header is paid once per step)
     layer_counts = sorted({cfg.num_hidden_layers, *args.dispatch_layers})
     result = Path(args.work, "dispatch_rows.tmp.json")
@@ -1175,22 +1201,41 @@ def report(args, phase_status: dict) -> dict:
                  f"{fmt(f['alpha_us'], 1)} us + bytes / {fmt(f['bandwidth_GBps'], 1)} GB/s.\n")
         L.append("`host ms` = time the router's CPU took to issue the layer (no sync): close to the total means the "
                  "host, not the link, sets the pace.\n")
-        L.append("`graph` columns (decode sizes): the step's layers replayed from a CUDA graph on every rank, as the "
-                 "engine's decode steps run (ours: plus the eager step header); raw graph: the same all_to_all_singles "
-                 "replayed from a graph.\n")
-        L.append("| layers/step | tokens | bytes/layer | ours ms | ours host ms | raw same bytes ms | "
-                 "ours / raw same | exact bytes/layer | raw exact ms | **ours / raw exact** | alpha+bytes/BW ms | "
-                 "ours / model | ours graph ms | raw graph ms | ours graph / raw | ours graph / raw graph |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("Eager steps of up to `LAYER_GRAPH_MAX_TOKENS` tokens run as the engine runs them: the router "
+                 "replays one CUDA graph per MoE layer (broadcast, reduce) from static buffers and the shards replay "
+                 "their step (`layer graphs`); `without` = the same steps with every collective issued eagerly. "
+                 "`right`: a last step of one token fewer (padded), with new inputs at every layer, summed the echo "
+                 "shards' answers correctly.\n")
+        L.append("| layers/step | tokens | bytes/layer | ours ms | ours host ms | right | without layer graphs ms | "
+                 "host ms | raw same bytes ms | ours / raw same | exact bytes/layer | raw exact ms | "
+                 "**ours / raw exact** | without / raw exact | alpha+bytes/BW ms | ours / model |")
+        L.append("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
+            right = {True: "yes", False: "**NO**"}.get(r.get("ours_right"), "-")
+            if r.get("ours_plain_right") is False:
+                right += " (without: **NO**)"
             L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['bytes_per_layer']} | "
-                     f"{fmt(r['ours_ms'], 3)} | {fmt(r.get('ours_host_ms'), 3)} | {fmt(r['raw_ms'], 3)} | "
-                     f"{fmt(r['ratio'])} | {r.get('exact_bytes_per_layer', '-')} | {fmt(r.get('raw_exact_ms'), 3)} | "
-                     f"**{fmt(r.get('ratio_exact'))}** | {fmt(r['model_ms'], 3)} | "
-                     f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} | "
-                     f"{fmt(r.get('ours_graph_ms'), 3)} | {fmt(r.get('raw_graph_ms'), 3)} | "
-                     f"{fmt(r.get('ours_graph_vs_raw'))} | {fmt(r.get('ours_graph_vs_raw_graph'))} |")
+                     f"{fmt(r['ours_ms'], 3)} | {fmt(r.get('ours_host_ms'), 3)} | {right} | "
+                     f"{fmt(r.get('ours_plain_ms'), 3)} | {fmt(r.get('ours_plain_host_ms'), 3)} | "
+                     f"{fmt(r['raw_ms'], 3)} | {fmt(r['ratio'])} | {r.get('exact_bytes_per_layer', '-')} | "
+                     f"{fmt(r.get('raw_exact_ms'), 3)} | **{fmt(r.get('ratio_exact'))}** | "
+                     f"{fmt(r.get('plain_ratio_exact'))} | {fmt(r['model_ms'], 3)} | "
+                     f"{fmt(r['ours_ms'] / r['model_ms'] if r['model_ms'] > 0 else None)} |")
         L.append("")
+        graphed = [r for r in di["rows"] if r.get("raw_graph_ms") is not None]
+        if graphed:
+            L.append("Against the raw collectives replayed from a CUDA graph (the link's own time, no host): `ours` as "
+                     "above; `decode graph` (decode sizes) = the step's layers replayed from one graph on every rank, "
+                     "as the engine's decode steps run (plus the eager step header).\n")
+            L.append("| layers/step | tokens | ours ms | raw exact graph ms | ours / raw exact graph | decode graph ms | "
+                     "raw same bytes graph ms | decode graph / raw same | decode graph / raw same graph |")
+            L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for r in graphed:
+                L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {fmt(r['ours_ms'], 3)} | "
+                         f"{fmt(r.get('raw_exact_graph_ms'), 3)} | {fmt(r.get('ratio_exact_graph'))} | "
+                         f"{fmt(r.get('ours_graph_ms'), 3)} | {fmt(r['raw_graph_ms'], 3)} | "
+                         f"{fmt(r.get('ours_graph_vs_raw'))} | {fmt(r.get('ours_graph_vs_raw_graph'))} |")
+            L.append("")
     hf = data["hf"]
     if hf:
         L.append("## transformers generate (same checkpoint, same prompts)\n")

@@ -20,6 +20,12 @@ A step can also be marked `graphed` in its header (the router's decode steps at 
 runs all the step's layers from a CUDA graph, captured the first time it sees that token count and replayed
 afterwards, as the router does on its side. The collectives captured on both sides are the same ones in the same
 order, so they still meet.
+
+Eager steps of at most LAYER_GRAPH_MAX_TOKENS tokens (short prompts, small mixed steps) are padded to the next power
+of two and sent as `graphed` too: the shards replay their step at that size, and the router, whose attention between
+the MoE layers stays eager, replays one graph per MoE layer (the broadcast, its own experts, the reduce) from static
+buffers. Its host work per layer is then a copy into the buffer and a replay instead of ~20 launches and two c10d
+calls, which cost more than the GPU time of a small layer. Padding rows route to expert -1, which no one holds.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .step_graphs import StepGraphs
+from .step_graphs import StepGraphs, wait_for_gpu
 
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
 ROUTER_RANK = 0
+LAYER_GRAPH_MAX_TOKENS = 2048  # above it a layer's GPU time dwarfs the host's (bench/results: dispatch rows)
+PADDING_EXPERT = -1
 
 
 class DispatchError(RuntimeError):
@@ -46,13 +54,21 @@ def meta_columns(dtype: torch.dtype, top_k: int) -> int:
     return -(-12 * top_k // 8) * 8 // torch.empty((), dtype=dtype).element_size()
 
 
-def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[T, H] hidden + [T, K] int64 ids + [T, K] fp32 weights -> [T, meta + H] in h's dtype, in one copy: the
-    routing goes in as raw bytes (no casts)."""
+def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """[T, H] hidden + [T, K] int64 ids + [T, K] fp32 weights -> [T, meta + H] in h's dtype (into out if given), in
+    one copy: the routing goes in as raw bytes (no casts)."""
     w = weights.float()
     if ids.shape[1] % 2:  # keep rows 8-byte aligned
         w = torch.nn.functional.pad(w, (0, 1))
-    return torch.cat([ids.contiguous().view(h.dtype), w.view(h.dtype), h], dim=-1)
+    return torch.cat([ids.contiguous().view(h.dtype), w.view(h.dtype), h], dim=-1, out=out)
+
+
+def layer_graph_tokens(num_tokens: int) -> int | None:
+    """The padded size whose per-layer graphs an eager step of num_tokens replays, or None (run eagerly)."""
+    if num_tokens > LAYER_GRAPH_MAX_TOKENS:
+        return None
+    return 1 << (num_tokens - 1).bit_length()
 
 
 def unpack_rows(rows: torch.Tensor, hidden: int, top_k: int):
@@ -82,15 +98,23 @@ class StepTimes:
 class RouterDispatcher:
     """Router side: the `moe(layer, h, ids, weights)` callable the router model runs at each MoE layer."""
 
-    def __init__(self, device, sync_timing: bool = False, local=None):
+    def __init__(self, device, sync_timing: bool = False, local=None, layer_graphs: bool | None = None,
+                 timeout_s: float = 30.0):
         """local: the router's own share of the experts (an ExpertPart holding the first of num_shards + 1 ranges),
-        or None (the shards hold them all)."""
+        or None (the shards hold them all). layer_graphs: small eager steps padded and replayed from per-layer
+        graphs (None: on GPU only; on CPU, True runs the same padded path eagerly, what the CPU tests check).
+        timeout_s: how long finish_step waits for a step whose layers were replayed."""
         self.local = local
         self.device = torch.device(device)
         self.sync_timing = sync_timing
+        self.layer_graphs = self.device.type == "cuda" if layer_graphs is None else layer_graphs
+        self.timeout_s = timeout_s
         self.times = StepTimes()
         self.num_tokens = 0
         self.graphed = False
+        self.padded_tokens: int | None = None  # this step's size in the per-layer graphs, or None (eager)
+        self.graphs = StepGraphs(self.device)  # (padded size, layer) -> the captured layer
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # padded size -> static (rows, out)
         # learned from eager steps, for the bytes of graphed ones (a replayed graph runs no Python to count them)
         self.layers_per_step = self._calls = self._row_bytes = 0
 
@@ -104,9 +128,16 @@ class RouterDispatcher:
         if self._calls:
             self.layers_per_step, self._calls = self._calls, 0
         self.num_tokens, self.graphed = num_tokens, graphed
+        self.padded_tokens = None if graphed or not self.layer_graphs else layer_graph_tokens(num_tokens)
         if graphed:
             self.times.bytes_sent += num_tokens * self._row_bytes * self.layers_per_step
-        self._send_header(OP_STEP, num_tokens, int(graphed))
+        self._send_header(OP_STEP, self.padded_tokens or num_tokens, int(graphed or self.padded_tokens is not None))
+
+    def finish_step(self) -> None:
+        """Called after the step's last MoE layer: waits for a step that replayed per-layer graphs, with a deadline
+        (their collectives have no watchdog)."""
+        if self.padded_tokens is not None and not wait_for_gpu(self.device, self.timeout_s):
+            raise DispatchError(f"a step's MoE layers did not finish within {self.timeout_s}s")
 
     def _send_header(self, op: int, num_tokens: int = 0, graphed: int = 0) -> None:
         header = torch.tensor([op, num_tokens, graphed], dtype=torch.long)
@@ -122,22 +153,31 @@ class RouterDispatcher:
         noticed before the next request needs it."""
         self._send_header(OP_HEARTBEAT)
 
+    def clear_graphs(self) -> None:
+        """Before the group is torn down (see StepGraphs.clear)."""
+        self.graphs.clear()
+
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         assert h.shape[0] == self.num_tokens, "begin_step was not called with this step's token count"
         if self.graphed:  # no timing (it would sync inside a capture), bytes counted by begin_step
-            _collective(dist.broadcast, pack_rows(h, ids, weights), src=ROUTER_RANK)
-            out = self._local_share(layer, h, ids, weights)
-            _collective(dist.reduce, out, dst=ROUTER_RANK)
-            return out
+            return self._layer(layer, pack_rows(h, ids, weights), h.shape[1], ids.shape[1])
         self._calls += 1
         t0 = self._time()
-        rows = pack_rows(h, ids, weights)
+        if self.padded_tokens is None:
+            rows = pack_rows(h, ids, weights)
+        else:
+            rows, out = self._buffers(h, ids)
+            pack_rows(h, ids, weights, out=rows[:self.num_tokens])
+            if self.num_tokens < self.padded_tokens:  # (their hidden states may be stale: no one reads them)
+                unpack_rows(rows[self.num_tokens:], h.shape[1], ids.shape[1])[1].fill_(PADDING_EXPERT)
         self._row_bytes = rows.shape[1] * rows.element_size()
         self.times.bytes_sent += rows.numel() * rows.element_size()  # once: the broadcast is a ring
-        _collective(dist.broadcast, rows, src=ROUTER_RANK)
         t1 = self._time()
-        out = self._local_share(layer, h, ids, weights)  # the router's own share of the sum
-        _collective(dist.reduce, out, dst=ROUTER_RANK)
+        if self.padded_tokens is None:
+            out = self._layer(layer, rows, h.shape[1], ids.shape[1])
+        else:
+            self.graphs((self.padded_tokens, layer), lambda: self._layer(layer, rows, h.shape[1], ids.shape[1], out))
+            out = out[:self.num_tokens]
         t2 = self._time()
         self.times.dispatch += t1 - t0
         self.times.experts += t2 - t1
@@ -146,11 +186,25 @@ class RouterDispatcher:
         self.times.layers += 1
         return out
 
-    def _local_share(self, layer: int, h, ids, weights) -> torch.Tensor:
-        """The router's experts' weighted outputs for every token (zeros where none of its experts is routed)."""
+    def _layer(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):
+        """Rows to the shards, then the shards' answers summed into the router's own share (its experts' weighted
+        outputs, zeros where none of them is routed), in `out` if given (a static buffer)."""
+        _collective(dist.broadcast, rows, src=ROUTER_RANK)
         if self.local is None:
-            return torch.zeros(h.shape, dtype=h.dtype, device=h.device)
-        return self.local.forward(layer, h, ids, weights)
+            out = rows.new_zeros(rows.shape[0], hidden) if out is None else out.zero_()
+        else:
+            share = self.local.forward(layer, *unpack_rows(rows, hidden, top_k))
+            out = share if out is None else out.copy_(share)
+        _collective(dist.reduce, out, dst=ROUTER_RANK)
+        return out
+
+    def _buffers(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded size's static rows and output, made the first time it is seen."""
+        if self.padded_tokens not in self.buffers:
+            width = h.shape[1] + meta_columns(h.dtype, ids.shape[1])
+            self.buffers[self.padded_tokens] = (h.new_zeros(self.padded_tokens, width),
+                                                h.new_zeros(self.padded_tokens, h.shape[1]))
+        return self.buffers[self.padded_tokens]
 
 
 class ShardWorker:

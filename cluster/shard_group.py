@@ -34,6 +34,9 @@ class LocalExperts:
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:
         pass
 
+    def finish_step(self) -> None:
+        pass
+
     def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.experts.forward(layer, h, ids, weights)
 
@@ -156,6 +159,9 @@ class FormedGroup:
     def moe(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._call(self.dispatcher, layer, h, ids, weights)
 
+    def finish_step(self) -> None:
+        self._call(self.dispatcher.finish_step)
+
     def heartbeat(self) -> None:
         if self.healthy:
             self._call(self.dispatcher.heartbeat)
@@ -171,6 +177,8 @@ class FormedGroup:
 
     def _leave(self) -> None:
         self.healthy = False
+        if self.dispatcher is not None:
+            self.dispatcher.clear_graphs()
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -184,11 +192,13 @@ class RendezvousShardGroup(FormedGroup):
     process then joins as rank 0."""
 
     def __init__(self, rendezvous, num_shards: int, device, timeout_s: float = 30.0,
-                 join_timeout_s: float = 300.0, sync_timing: bool = False, local: ExpertPart | None = None):
-        """local: the router's own share of the experts (load_router_share), or None."""
+                 join_timeout_s: float = 300.0, sync_timing: bool = False, local: ExpertPart | None = None,
+                 layer_graphs: bool | None = None):
+        """local: the router's own share of the experts (load_router_share), or None. layer_graphs: see
+        RouterDispatcher."""
         self.rendezvous, self.num_shards, self.device = rendezvous, num_shards, torch.device(device)
         self.timeout_s, self.join_timeout_s = timeout_s, join_timeout_s
-        self.dispatcher = RouterDispatcher(self.device, sync_timing, local)
+        self.dispatcher = RouterDispatcher(self.device, sync_timing, local, layer_graphs, timeout_s)
         self.healthy = False
         self.start()
 
@@ -212,14 +222,15 @@ class ProcessShardGroup(FormedGroup):
 
     def __init__(self, model_path: str, num_shards: int, router_device, dtype: torch.dtype, timeout_s: float = 30.0,
                  sync_timing: bool = False, join_timeout_s: float = 300.0, expert_dtype: str | None = None,
-                 local: ExpertPart | None = None):
-        """local: the router's own share of the experts (load_router_share), or None."""
+                 local: ExpertPart | None = None, layer_graphs: bool | None = None):
+        """local: the router's own share of the experts (load_router_share), or None. layer_graphs: see
+        RouterDispatcher."""
         cfg = ModelConfig.from_file(model_path)
         shard_expert_range(cfg.num_local_experts, num_shards, 0, local is not None)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
         self.join_timeout_s, self.expert_dtype = join_timeout_s, expert_dtype
-        self.sync_timing, self.local = sync_timing, local
+        self.sync_timing, self.local, self.layer_graphs = sync_timing, local, layer_graphs
         self.procs: list[mp.Process] = []
         self.dispatcher: RouterDispatcher | None = None
         self.healthy = False
@@ -242,7 +253,8 @@ class ProcessShardGroup(FormedGroup):
         except Exception as e:
             self._kill()
             raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e
-        self.dispatcher = RouterDispatcher(self.device, self.sync_timing, self.local)
+        self.dispatcher = RouterDispatcher(self.device, self.sync_timing, self.local, self.layer_graphs,
+                                           self.timeout_s)
         self.healthy = True
 
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:

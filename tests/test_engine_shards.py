@@ -35,7 +35,7 @@ def expected(reference_parts):
                               "router+3shards", "router+1shard-fixed-size-decode"])
 def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, warmup, graphs, router_experts):
     """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches and
-    `graphed` headers. router_experts: the router computes the first of shards + 1 equal shares of the experts
+    `graphed` headers; and small eager steps' MoE layers padded to powers of two, as the GPU replays them too. router_experts: the router computes the first of shards + 1 equal shares of the experts
     itself.)"""
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
@@ -58,6 +58,11 @@ def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, war
         assert times.layers > 0 and times.bytes_sent > 0
         if graphs:  # batches of 5, 4, ... one-token sequences ran at the padded sizes 8 and 4
             assert {4, 8} <= set(engine.graphs.inputs)
+            # and the eager steps' MoE layers ran padded (the path the GPU replays from per-layer graphs): the
+            # 96-token chunks of the 300-token prompt at 128
+            assert 128 in engine.experts.dispatcher.buffers
+        else:
+            assert not engine.experts.dispatcher.buffers
 
 
 @pytest.mark.parametrize("how", ["kill", "stall"])

@@ -57,6 +57,27 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
     assert "the router holds a share of the experts too (--router-experts: 2 equal shares)" in md
 
 
+@pytest.mark.slow
+def test_dispatch_phase_on_cpu(tmp_path):
+    """The dispatch phase over gloo, tiny dims: ours (padded where the engine pads) and raw all_to_all_single per size
+    and layer count, each answer checked (echo shards: the sum is shards x the input), and the report's table."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_cluster.py"), "--out", str(out), "--work", str(tmp_path / "w"),
+           "--model", str(tmp_path / "none"), "--device", "cpu", "--tiny", "--layers", "2", "--shards", "2",
+           "--dispatch-layers", "3", "--phases", "dispatch", "--deadline-s", "300"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "gpu-cluster.json").read_text())
+    rows = data["dispatch"]["rows"]
+    assert {(r["layers_per_step"], r["tokens"]) for r in rows} == {(n, t) for n in (2, 3) for t in (1, 8, 64, 256)}
+    for r in rows:
+        assert r["ours_right"] is True and r["ours_plain_right"] is True, r
+        assert r["ours_ms"] > 0 and r["raw_exact_ms"] > 0 and r["ratio_exact"] == pytest.approx(r["ours_ms"] / r["raw_exact_ms"])
+    md = (out / "gpu-cluster.md").read_text()
+    assert "## Dispatch: RouterDispatcher protocol vs raw all_to_all_single, 3 ranks" in md
+    assert sum(1 for ln in md.splitlines() if ln.startswith("| 3 | 64 |") and "| yes |" in ln) == 1
+
+
 def _bench():
     """bench/gpu_cluster.py as a module, without putting bench/ on sys.path (its kernels.py would shadow the kernels
     package in every process spawned later in the session)."""

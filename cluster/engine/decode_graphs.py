@@ -15,14 +15,12 @@ detokenizing, streaming) overlaps the GPU's next step instead of adding to it. `
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from model_shards.batch import ForwardBatch, ModelCache, SeqChunk
 
 from ..dispatch import DispatchError
-from ..step_graphs import StepGraphs
+from ..step_graphs import StepGraphs, wait_for_gpu
 from .sampling import SamplingParams, sample_on_device
 
 
@@ -124,18 +122,9 @@ class DecodeGraphs:
         return inputs
 
     def wait(self, done: torch.cuda.Event | None = None) -> None:
-        """Waits for the work queued so far (or up to `done`) with a deadline: a replayed collective has no watchdog,
-        so a dead shard would otherwise hang the router in its next read of the GPU."""
-        if self.device.type != "cuda":
-            return
-        if done is None:
-            done = torch.cuda.Event()
-            done.record()
-        deadline = time.monotonic() + self.step_timeout_s
-        while not done.query():
-            if time.monotonic() > deadline:
-                raise DispatchError(f"a graphed decode step did not finish within {self.step_timeout_s}s")
-            time.sleep(0)
+        """Waits for the work queued so far (or up to `done`) with a deadline (see wait_for_gpu)."""
+        if not wait_for_gpu(self.device, self.step_timeout_s, done):
+            raise DispatchError(f"a graphed decode step did not finish within {self.step_timeout_s}s")
 
 
 class PendingTokens:

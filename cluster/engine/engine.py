@@ -92,8 +92,9 @@ class EngineConfig:
     collective_timeout_s: float = 30.0
     profile: bool = False  # time each part of a step (syncs the GPU: for benchmarks)
     warmup: bool | None = None  # throwaway requests before serving (None: on GPU only; see Engine.warmup)
-    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py); None: on GPU only. On
-    # CPU, True runs the same padded path eagerly (what the CPU tests check).
+    # decode steps padded to fixed sizes and replayed from CUDA graphs (see decode_graphs.py), and the MoE layers of
+    # small eager steps too, with expert shards (see dispatch.py); None: on GPU only. On CPU, True runs the same
+    # padded paths eagerly (what the CPU tests check).
     cuda_graphs: bool | None = None
 
 
@@ -176,11 +177,12 @@ class Engine:
             if rendezvous is not None:
                 self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, self.device,
                                                     config.collective_timeout_s, sync_timing=config.profile,
-                                                    local=local)
+                                                    local=local, layer_graphs=config.cuda_graphs)
             else:
                 self.experts = ProcessShardGroup(config.model, config.expert_shards, self.device, self.dtype,
                                                  config.collective_timeout_s, sync_timing=config.profile,
-                                                 expert_dtype=config.expert_dtype, local=local)
+                                                 expert_dtype=config.expert_dtype, local=local,
+                                                 layer_graphs=config.cuda_graphs)
         else:
             self.experts = LocalExperts(load_expert_part(config.model, dtype=self.dtype, device=self.device,
                                                          expert_dtype=config.expert_dtype))
@@ -499,6 +501,7 @@ class Engine:
                 batch.last_token_rows = batch.last_token_rows[[i for i, c in enumerate(plan) if c.samples]]
                 self.experts.begin_step(num_tokens)
                 logits = self.model(batch, self.cache, self._moe, timer=self.profile)
+                self.experts.finish_step()
         except DispatchError as e:
             self._group_failed(e)
             return
