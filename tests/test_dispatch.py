@@ -1,6 +1,7 @@
 """The router's padded path for small eager steps (RouterDispatcher layer_graphs, run eagerly on CPU), in a one-rank
 gloo group: the router holds every expert, so each layer's answer is its own experts' and must equal ExpertPart's on
-the real rows; padding rows must reach the experts routed nowhere, never with a previous step's routing."""
+the real rows; padding rows must reach the experts routed nowhere, never with a previous step's routing. And the
+engine's warm-up reaches every padded size."""
 
 from __future__ import annotations
 
@@ -68,3 +69,13 @@ def test_without_layer_graphs_steps_are_not_padded(one_rank_group, reference_par
     out = disp(0, h, ids, weights)
     assert disp.padded_tokens is None and local.ids[-1].shape[0] == 5 and not disp.buffers
     torch.testing.assert_close(out, experts.forward(0, h, ids, weights))
+
+
+@pytest.mark.parametrize("full", [1, 3, 96, 1000, 16384])
+def test_warmup_steps_reach_every_layer_graph_size(full):
+    """Every padded size a step of at most `full` tokens can have is one the engine's warm-up runs (its sizes, then
+    its full step), so no capture happens inside a user's step."""
+    from cluster.engine.engine import warmup_step_tokens
+
+    needed = {layer_graph_tokens(n) for n in range(1, full + 1)} - {None}
+    assert needed <= {layer_graph_tokens(n) for n in warmup_step_tokens(full) + [full]}

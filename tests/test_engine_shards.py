@@ -30,9 +30,9 @@ def expected(reference_parts):
 @pytest.mark.parametrize("shards, warmup, graphs, router_experts",
                          [(1, False, False, False), (2, False, False, False), (4, False, False, False),
                           (2, True, False, False), (2, False, True, False), (3, False, False, True),
-                          (1, False, True, True)],
+                          (1, False, True, True), (1, True, True, True)],
                          ids=["1shard", "2shards", "4shards", "2shards-after-warmup", "2shards-fixed-size-decode",
-                              "router+3shards", "router+1shard-fixed-size-decode"])
+                              "router+3shards", "router+1shard-fixed-size-decode", "router+1shard-graphs-after-warmup"])
 def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, warmup, graphs, router_experts):
     """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches and
     `graphed` headers; and small eager steps' MoE layers padded to powers of two, as the GPU replays them too. router_experts: the router computes the first of shards + 1 equal shares of the experts
@@ -42,6 +42,8 @@ def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, war
                        collective_timeout_s=60, warmup=warmup,
                        cuda_graphs=graphs, router_experts=router_experts)
     with Engine(cfg) as engine:
+        if warmup and graphs:  # the warm-up padded a step to each MoE layer graph size: none is new in serving
+            assert sorted(engine.experts.dispatcher.buffers) == [1, 2, 4, 8, 16, 32, 64, 128]
         local = engine.experts.dispatcher.local
         assert (local.first, local.last) == (0, 8 // (shards + 1)) if router_experts else local is None
         assert (engine.warmup_s is not None) == warmup

@@ -25,7 +25,7 @@ from model_shards.expert_part import shard_expert_range
 from model_shards.loading import default_dtype, load_expert_part, load_router_part
 from model_shards.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
-from ..dispatch import DispatchError
+from ..dispatch import LAYER_GRAPH_MAX_TOKENS, DispatchError
 from ..metrics import Metrics
 from ..shard_group import LocalExperts, ProcessShardGroup, RendezvousShardGroup, load_router_share
 from .cache_manager import CacheManager
@@ -56,13 +56,19 @@ def expert_holder_labels(num_experts: int, shards: int, router_experts: bool) ->
 
 
 def warmup_step_tokens(max_num_batched_tokens: int) -> list[int]:
-    """The warm-up's step sizes before its full step: half a full step's tokens, a quarter, ... down to 16. The
-    kernels' tile configs change at powers of two of the rows per expert (kernels.experts), so these build each."""
-    sizes, n = [], max_num_batched_tokens
+    """The warm-up's step sizes before its full step, largest first: half a full step's tokens, a quarter, ... down to
+    16 (the kernels' tile configs change at powers of two of the rows per expert, kernels.experts, so these build
+    each), and every power of two below the full step up to LAYER_GRAPH_MAX_TOKENS (each is a size of the MoE layer
+    graphs that steps that small replay: captured here)."""
+    sizes, n = set(), max_num_batched_tokens
     while n > 16:
         n //= 2
-        sizes.append(n)
-    return sizes
+        sizes.add(n)
+    p = 1
+    while p < max_num_batched_tokens and p <= LAYER_GRAPH_MAX_TOKENS:
+        sizes.add(p)
+        p *= 2
+    return sorted(sizes, reverse=True)
 
 
 class QueueFull(RuntimeError):
@@ -221,8 +227,8 @@ class Engine:
                 self.warmup()
 
     def warmup(self) -> None:
-        """Runs throwaway requests through the whole path before the engine serves: steps of half a full step's
-        tokens, a quarter, ... down to 16 (the expert kernels pick their tiles by rows per expert), then a full
+        """Runs throwaway requests through the whole path before the engine serves: steps of each size
+        warmup_step_tokens gives (the expert kernels' tile configs, the MoE layer graphs' sizes), then a full
         step with a batch of short prompts joining its decode (mixed and batched decode steps), then, with CUDA graphs,
         a decode step at each graph size (each is captured here, not during a user's step). A step holds several
         prompts where max_model_len is shorter than the step.
