@@ -87,9 +87,9 @@ def _check_alignment(hidden: int, dtype: torch.dtype) -> None:
 class StepTimes:
     """Seconds spent per part of the MoE path, summed over layers and steps (router side)."""
 
-    dispatch: float = 0.0  # packing + the broadcast to the shards
+    dispatch: float = 0.0  # packing + the broadcast to the shards (a layer replayed from a graph: the packing only)
     experts: float = 0.0  # the router's own experts, if any, then the reduce, which waits for the shards' compute and
-    # sums their answers (the combine)
+    # sums their answers (the combine); a layer replayed from a graph: the whole replay
     layers: int = 0
     bytes_sent: int = 0
     samples: list[float] = field(default_factory=list)  # per-layer round trips, for histograms
@@ -162,23 +162,24 @@ class RouterDispatcher:
         if self.graphed:  # no timing (it would sync inside a capture), bytes counted by begin_step
             return self._layer(layer, pack_rows(h, ids, weights), h.shape[1], ids.shape[1])
         self._calls += 1
+        hidden, top_k = h.shape[1], ids.shape[1]
         t0 = self._time()
         if self.padded_tokens is None:
             rows = pack_rows(h, ids, weights)
-        else:
+            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            t1 = self._time()
+            out = self._sum_answers(layer, rows, hidden, top_k)
+        else:  # one replay: the packing is all that can be timed apart
             rows, out = self._buffers(h, ids)
             pack_rows(h, ids, weights, out=rows[:self.num_tokens])
             if self.num_tokens < self.padded_tokens:  # (their hidden states may be stale: no one reads them)
-                unpack_rows(rows[self.num_tokens:], h.shape[1], ids.shape[1])[1].fill_(PADDING_EXPERT)
-        self._row_bytes = rows.shape[1] * rows.element_size()
-        self.times.bytes_sent += rows.numel() * rows.element_size()  # once: the broadcast is a ring
-        t1 = self._time()
-        if self.padded_tokens is None:
-            out = self._layer(layer, rows, h.shape[1], ids.shape[1])
-        else:
-            self.graphs((self.padded_tokens, layer), lambda: self._layer(layer, rows, h.shape[1], ids.shape[1], out))
+                unpack_rows(rows[self.num_tokens:], hidden, top_k)[1].fill_(PADDING_EXPERT)
+            t1 = self._time()
+            self.graphs((self.padded_tokens, layer), lambda: self._layer(layer, rows, hidden, top_k, out))
             out = out[:self.num_tokens]
         t2 = self._time()
+        self._row_bytes = rows.shape[1] * rows.element_size()
+        self.times.bytes_sent += rows.numel() * rows.element_size()  # once: the broadcast is a ring
         self.times.dispatch += t1 - t0
         self.times.experts += t2 - t1
         if self.device.type != "cuda" or self.sync_timing:  # unsynced GPU times would be launch times
@@ -187,9 +188,12 @@ class RouterDispatcher:
         return out
 
     def _layer(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):
-        """Rows to the shards, then the shards' answers summed into the router's own share (its experts' weighted
-        outputs, zeros where none of them is routed), in `out` if given (a static buffer)."""
         _collective(dist.broadcast, rows, src=ROUTER_RANK)
+        return self._sum_answers(layer, rows, hidden, top_k, out)
+
+    def _sum_answers(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):
+        """The shards' answers summed into the router's own share (its experts' weighted outputs, zeros where none
+        of them is routed), in `out` if given (a static buffer)."""
         if self.local is None:
             out = rows.new_zeros(rows.shape[0], hidden) if out is None else out.zero_()
         else:
