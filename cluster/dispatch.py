@@ -40,7 +40,7 @@ from .step_graphs import StepGraphs, wait_for_gpu
 
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
 ROUTER_RANK = 0
-LAYER_GRAPH_MAX_TOKENS = 4096  # above it a layer's GPU time dwarfs the host's (bench/results: dispatch rows)
+LAYER_GRAPH_MAX_TOKENS = 2048  # at 4096 tokens the graphs gained nothing at 80 layers (bench/results/dispatch-h200x4-*)
 PADDING_EXPERT = -1
 
 
