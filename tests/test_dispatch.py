@@ -78,4 +78,4 @@ def test_warmup_steps_reach_every_layer_graph_size(full):
     from cluster.engine.engine import warmup_step_tokens
 
     needed = {layer_graph_tokens(n) for n in range(1, full + 1)} - {None}
-    assert needed <= {layer_graph_tokens(n) for n in warmup_step_tokens(full) + [full]}
+    assert needed <= {layer_graph_tokens(n) for n in warmup_step_tokens(full, layer_graphs=True) + [full]}

@@ -55,17 +55,17 @@ def expert_holder_labels(num_experts: int, shards: int, router_experts: bool) ->
     return labels
 
 
-def warmup_step_tokens(max_num_batched_tokens: int) -> list[int]:
+def warmup_step_tokens(max_num_batched_tokens: int, layer_graphs: bool = False) -> list[int]:
     """The warm-up's step sizes before its full step, largest first: half a full step's tokens, a quarter, ... down to
     16 (the kernels' tile configs change at powers of two of the rows per expert, kernels.experts, so these build
-    each), and every power of two below the full step up to LAYER_GRAPH_MAX_TOKENS (each is a size of the MoE layer
-    graphs that steps that small replay: captured here)."""
+    each). layer_graphs: also every power of two below the full step up to LAYER_GRAPH_MAX_TOKENS (the sizes of the
+    MoE layer graphs that steps that small replay: each is captured here)."""
     sizes, n = set(), max_num_batched_tokens
     while n > 16:
         n //= 2
         sizes.add(n)
     p = 1
-    while p < max_num_batched_tokens and p <= LAYER_GRAPH_MAX_TOKENS:
+    while layer_graphs and p < max_num_batched_tokens and p <= LAYER_GRAPH_MAX_TOKENS:
         sizes.add(p)
         p *= 2
     return sorted(sizes, reverse=True)
@@ -256,7 +256,8 @@ class Engine:
                 k = min(-(-total // longest), c.max_num_seqs)
                 return [total // k] * k
 
-            for n in warmup_step_tokens(c.max_num_batched_tokens):
+            dispatcher = getattr(self.experts, "dispatcher", None)
+            for n in warmup_step_tokens(c.max_num_batched_tokens, dispatcher is not None and dispatcher.layer_graphs):
                 run(*filling(n))
             # the full step's prompts take the first step alone; the short ones join their decode (a mixed step),
             # then all decode together
