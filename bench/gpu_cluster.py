@@ -309,12 +309,13 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 if rank == 0:
                     ours_graph = timed[1]
                 dist.barrier()
-            if profile_at == [layers, T]:  # where the host time goes, on every rank (torch.profiler tables)
+            if profile_at == [layers, T]:  # where the time goes, on every rank (torch.profiler tables; eager, so
+                # that each collective is its own kernel)
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
                 with profile(activities=acts) as prof:
-                    run_ours(0, 3)
+                    run_ours(0, 3, layer_graphs=False)
                     sync(dev)
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
                 Path(result_path).with_name(f"dispatch_profile_rank{rank}.txt").write_text(table)
