@@ -43,7 +43,9 @@ FAMILIES = [
            "One engine step, from scheduling to its outputs streamed, by kind: prefill (any prompt tokens), decode "
            "(read back in the same step) or ahead (a decode step read back after the next one was launched).",
            labels=("kind",), buckets=tuple(STEP_BUCKETS)),
-    Family("m1serve_shard_compute_seconds", "histogram", "Expert compute of one MoE layer on one shard.",
+    Family("m1serve_shard_compute_seconds", "histogram",
+           "Expert compute of one MoE layer on one shard, in eager steps (on GPU: steps over 2048 tokens; decode "
+           "steps and smaller ones replay CUDA graphs, which are not timed).",
            labels=("shard",), buckets=tuple(LAYER_BUCKETS)),
     Family("m1serve_prompt_tokens", "counter", "Prompt tokens processed."),
     Family("m1serve_generation_tokens", "counter", "Tokens generated."),
