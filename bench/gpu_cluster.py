@@ -217,7 +217,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             shard_of = (ids // eps).cpu()
             routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # each shard's routed tokens
             graphable = T <= 256  # decode sizes: what the engine replays from graphs
-            layer_graphs = T <= LAYER_GRAPH_MAX_TOKENS  # eager steps' per-layer graphs (on CPU: their padded path)
+            padded = T <= LAYER_GRAPH_MAX_TOKENS  # eager steps replay per-layer graphs (on CPU: their padded path)
 
             def run_ours(warm: int, steps: int, graphed: bool = False, layer_graphs: bool | None = None):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
@@ -284,7 +284,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 raw_cpu, raw = time_steps(raw_layers, warm, steps, layers)
                 dist.barrier()
                 raw_graph = None
-                if layer_graphs and dev.type == "cuda":  # the same collectives replayed from a graph
+                if padded and dev.type == "cuda":  # the same collectives replayed from a graph
                     graphs = StepGraphs(dev)
                     graphs(T, raw_layers)  # run once, captured
                     raw_graph = time_steps(lambda: graphs(T, raw_layers), warm, steps, layers)[1]
@@ -295,11 +295,11 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             warm = 3
             raw_exact = run_raw(routed)  # the fewest bytes any protocol must move: each shard's routed rows
             counts = [T] * N  # what ours sends: every token to every shard
-            timed = run_ours(warm, steps, layer_graphs=layer_graphs)
+            timed = run_ours(warm, steps, layer_graphs=padded)
             if rank == 0:
                 ours_cpu, ours, ours_right = timed
             dist.barrier()
-            if layer_graphs:  # the same steps without the per-layer graphs
+            if padded:  # the same steps without the per-layer graphs
                 timed = run_ours(warm, steps, layer_graphs=False)
                 if rank == 0:
                     plain_cpu, plain, plain_right = timed
@@ -329,8 +329,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                        "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
                        "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
                        "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3, "ours_right": ours_right,
-                       "layer_graphs": layer_graphs}
-                if layer_graphs:
+                       "layer_graphs": padded}
+                if padded:
                     row.update({"ours_plain_ms": plain * 1e3, "ours_plain_host_ms": plain_cpu * 1e3,
                                 "plain_ratio_exact": plain / raw_exact[1], "ours_plain_right": plain_right})
                 if graphable:
