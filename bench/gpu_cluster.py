@@ -1228,8 +1228,9 @@ def report(args, phase_status: dict) -> dict:
             L.append("Against the raw collectives replayed from a CUDA graph (the link's own time, no host): `ours` as "
                      "above; `decode graph` (decode sizes) = the step's layers replayed from one graph on every rank, "
                      "as the engine's decode steps run (plus the eager step header).\n")
-            L.append("| layers/step | tokens | ours ms | raw exact graph ms | ours / raw exact graph | decode graph ms | "
-                     "raw same bytes graph ms | decode graph / raw same | decode graph / raw same graph |")
+            L.append("| layers/step | tokens | ours ms | raw exact graph ms | ours / raw exact graph | "
+                     "decode graph ms | raw same bytes graph ms | decode graph / raw same | "
+                     "decode graph / raw same graph |")
             L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in graphed:
                 L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {fmt(r['ours_ms'], 3)} | "

@@ -35,8 +35,8 @@ def expected(reference_parts):
                               "router+3shards", "router+1shard-fixed-size-decode", "router+1shard-graphs-after-warmup"])
 def test_sharded_greedy_matches_single_process(tiny_model, expected, shards, warmup, graphs, router_experts):
     """(fixed-size decode: the decode steps the GPU replays from CUDA graphs, here run eagerly: padded batches and
-    `graphed` headers; and small eager steps' MoE layers padded to powers of two, as the GPU replays them too. router_experts: the router computes the first of shards + 1 equal shares of the experts
-    itself.)"""
+    `graphed` headers; and small eager steps' MoE layers padded to powers of two, as the GPU replays them too.
+    router_experts: the router computes the first of shards + 1 equal shares of the experts itself.)"""
     prompts, want = expected
     cfg = EngineConfig(model=str(tiny_model), expert_shards=shards, max_num_seqs=8, max_num_batched_tokens=96,
                        collective_timeout_s=60, warmup=warmup,

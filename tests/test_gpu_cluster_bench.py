@@ -72,7 +72,8 @@ def test_dispatch_phase_on_cpu(tmp_path):
     assert {(r["layers_per_step"], r["tokens"]) for r in rows} == {(n, t) for n in (2, 3) for t in (1, 8, 64, 256)}
     for r in rows:
         assert r["ours_right"] is True and r["ours_plain_right"] is True, r
-        assert r["ours_ms"] > 0 and r["raw_exact_ms"] > 0 and r["ratio_exact"] == pytest.approx(r["ours_ms"] / r["raw_exact_ms"])
+        assert r["ours_ms"] > 0 and r["raw_exact_ms"] > 0
+        assert r["ratio_exact"] == pytest.approx(r["ours_ms"] / r["raw_exact_ms"])
     md = (out / "gpu-cluster.md").read_text()
     assert "## Dispatch: RouterDispatcher protocol vs raw all_to_all_single, 3 ranks" in md
     assert sum(1 for ln in md.splitlines() if ln.startswith("| 3 | 64 |") and "| yes |" in ln) == 1
