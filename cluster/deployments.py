@@ -8,6 +8,7 @@ Router); the per-layer expert traffic is the torch.distributed collective betwee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -133,9 +134,12 @@ class Router:
     async def GenerateStream(self, request, grpc_context=None):
         from .api import grpc_service
 
-        async for response in grpc_service.generate_stream(self.async_engine, request, grpc_context, self.metrics,
-                                                           self.api_key):
-            yield response
+        # aclosing: Serve may cancel a stream by throwing into this generator at its yield (user code on its loop),
+        # which would leave the inner one (and so the engine request) open until garbage collection
+        async with contextlib.aclosing(grpc_service.generate_stream(self.async_engine, request, grpc_context,
+                                                                    self.metrics, self.api_key)) as responses:
+            async for response in responses:
+                yield response
         # Serve's proxy carries a stream's context only with its messages; a status set after the last one (or
         # with none) reaches the client only if we raise: it then answers with the code we set.
         if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):

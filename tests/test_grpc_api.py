@@ -327,6 +327,37 @@ def test_closing_the_handler_generator_aborts_the_request(engine):
     assert engine.stats()["requests_abort"] == aborted + 2
 
 
+def test_cancelling_the_router_stream_at_its_yield_aborts_at_once(engine, monkeypatch):
+    """Ray Serve cancels a replica's stream by throwing CancelledError into the Router's generator where it waits:
+    at its yield when user code shares Serve's loop. The engine request must be aborted before the throw returns,
+    not when the inner generator is garbage-collected (which a held traceback delays)."""
+    from cluster.deployments import Router
+
+    aborts = []
+
+    def abort(request_id):
+        aborts.append(request_id)
+        Engine.abort(engine, request_id)
+
+    monkeypatch.setattr(engine, "abort", abort)
+    router = dataclasses.make_dataclass("RouterState", ["async_engine", "metrics", "api_key"])(
+        AsyncEngine(engine, MODEL), None, None)
+
+    async def run():
+        agen = Router.GenerateStream(router, request(PROMPTS["text"], **LONG), RayStyleContext())
+        for _ in range(3):
+            await agen.__anext__()
+        with pytest.raises(asyncio.CancelledError) as held:  # keeps the generators' frames alive
+            await agen.athrow(asyncio.CancelledError())
+        assert len(aborts) == 1, held
+        while not idle(engine):
+            await asyncio.sleep(0.02)
+
+    wait_for(lambda: idle(engine))
+    aborted = engine.stats().get("requests_abort", 0)
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    assert engine.stats()["requests_abort"] == aborted + 1
+
 def test_generated_modules_are_importable_as_package_modules():
     """The Ray Serve proxy imports `cluster.api.m1serve_pb2_grpc.add_M1ServeServicer_to_server`; the _pb2_grpc
     module must import its _pb2 through the package, not as a top-level module."""
