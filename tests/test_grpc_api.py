@@ -321,10 +321,7 @@ def test_closing_the_handler_generator_aborts_the_request(engine):
         while not idle(engine):
             await asyncio.sleep(0.02)
 
-    wait_for(lambda: idle(engine))
-    aborted = engine.stats().get("requests_abort", 0)
-    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-    assert engine.stats()["requests_abort"] == aborted + 2
+    assert aborts_during(engine, run) == 2
 
 
 def test_cancelling_the_router_stream_at_its_yield_aborts_at_once(engine, monkeypatch):
@@ -353,10 +350,16 @@ def test_cancelling_the_router_stream_at_its_yield_aborts_at_once(engine, monkey
         while not idle(engine):
             await asyncio.sleep(0.02)
 
+    assert aborts_during(engine, run) == 1
+
+
+def aborts_during(engine, run) -> int:
+    """Requests the engine aborted while the coroutine function `run` ran (started with the engine idle)."""
     wait_for(lambda: idle(engine))
     aborted = engine.stats().get("requests_abort", 0)
     asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-    assert engine.stats()["requests_abort"] == aborted + 1
+    return engine.stats()["requests_abort"] - aborted
+
 
 def test_generated_modules_are_importable_as_package_modules():
     """The Ray Serve proxy imports `cluster.api.m1serve_pb2_grpc.add_M1ServeServicer_to_server`; the _pb2_grpc
