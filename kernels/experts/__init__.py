@@ -77,4 +77,5 @@ def combine_pairs(y, slot: torch.Tensor, num_rows: torch.Tensor):
     return combine_pairs_reference(y, slot, num_rows)
 
 
-__all__ = ["combine_pairs", "expert_kernel", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8", "dequantize_int8"]
+__all__ = ["combine_pairs", "expert_kernel", "grouped_swiglu_no_sync", "grouped_swiglu_reference", "quantize_int8",
+           "dequantize_int8"]
