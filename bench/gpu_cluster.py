@@ -165,10 +165,17 @@ def phase_ckpt(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # dispatch: RouterDispatcher vs raw all_to_all_single
 class _EchoExperts:
-    """Shard-side stand-in for the experts: returns its input (one copy), so only the protocol is measured."""
+    """Shard-side stand-in for the experts [lo, hi): answers each token routed to them with its input, the others
+    with zeros (as real experts do), so only the protocol is measured."""
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
 
     def forward(self, layer, x, ids, weights):
-        return x.contiguous()
+        import torch
+
+        mine = ((ids >= self.lo) & (ids < self.hi)).any(-1)
+        return torch.where(mine[:, None], x, 0)
 
 
 def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, experts, top_k, result_path,
@@ -176,7 +183,9 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
     import torch
     import torch.distributed as dist
 
-    from cluster.dispatch import LAYER_GRAPH_MAX_TOKENS, RouterDispatcher, ShardWorker, meta_columns
+    from cluster.dispatch import (LAYER_GRAPH_MAX_TOKENS, RouterDispatcher, ShardWorker, layer_graph_tokens,
+                                  meta_columns)
+    from cluster.peer_links import open_peer_links
     from cluster.step_graphs import StepGraphs
 
     for k, v in NCCL_SAFE.items():
@@ -206,6 +215,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
 
     width = hidden + meta_columns(dtype, top_k)
     eps = experts // N
+    my_range = (0, 0) if rank == 0 else ((rank - 1) * eps, rank * eps)
+    links = open_peer_links(rank, world, dev, dtype, hidden, width, my_range)  # None on CPU / without peer access
     rows_out = []
     with torch.inference_mode():
         for layers, T in [(n, T) for n in layer_counts for T in sizes]:
@@ -219,16 +230,20 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             graphable = T <= 256  # decode sizes: what the engine replays from graphs
             padded = T <= LAYER_GRAPH_MAX_TOKENS  # eager steps replay per-layer graphs (on CPU: their padded path)
 
-            def run_ours(warm: int, steps: int, graphed: bool = False, layer_graphs: bool | None = None):
+            def run_ours(warm: int, steps: int, graphed: bool = False, layer_graphs: bool | None = None,
+                         direct: bool = True):
                 """warm + steps steps of `layers` MoE layers through our protocol (router: rank 0, echo shards);
                 on the router, (host seconds, seconds) per layer over the last `steps`, and whether a last step's
                 answers were right (one fewer token, so padded where it is replayed from graphs, new inputs at each
                 layer). graphed: the steps' layers replayed from a CUDA graph on both sides (the engine's decode
-                steps), the step header eager. layer_graphs: see RouterDispatcher (None: as the engine runs it)."""
+                steps), the step header eager. layer_graphs: see RouterDispatcher (None: as the engine runs it).
+                direct: the peer links carry the steps they fit (as the engine runs), else the rings only."""
+                use = links if direct else None
                 if rank != 0:
-                    ShardWorker(_EchoExperts(), layers, hidden, top_k, dtype, dev).serve()
+                    ShardWorker(_EchoExperts(*my_range), layers, hidden, top_k, dtype, dev, links=use).serve()
                     return None
                 disp = RouterDispatcher(dev, layer_graphs=layer_graphs)
+                disp.links = use
                 graphs = StepGraphs(dev)
 
                 def moe_layers():
@@ -244,14 +259,15 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
 
                 timed = time_steps(step, warm, steps, layers)
                 right = None
-                if not graphed:  # every shard echoes its rows, so the sum is (shards) x h
+                if not graphed:  # each shard echoes its tokens: the sum is x times the shards a token went to
                     n = max(1, T - 1)
                     disp.begin_step(n)
                     right = True
+                    times = ((ids[:n, :, None] // eps) == torch.arange(N, device=dev)).any(1).sum(-1, True).float()
                     for layer in range(layers):
                         x = torch.randn(n, hidden, device=dev).to(dtype)
                         out = disp(layer, x, ids[:n], weights[:n]).float()
-                        right &= bool(torch.allclose(out, N * x.float(), rtol=2e-2, atol=2e-2))
+                        right &= bool(torch.allclose(out, times * x.float(), rtol=2e-2, atol=2e-2))
                     disp.finish_step()
                 graphs.clear()
                 disp.clear_graphs()
@@ -299,6 +315,12 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             if rank == 0:
                 ours_cpu, ours, ours_right = timed
             dist.barrier()
+            direct = links is not None and links.fits(layer_graph_tokens(T) or T)
+            if direct:  # the same steps through the rings only (the protocol before the links)
+                timed = run_ours(warm, steps, layer_graphs=padded, direct=False)
+                if rank == 0:
+                    ring_cpu, ring, ring_right = timed
+                dist.barrier()
             if padded:  # the same steps without the per-layer graphs
                 timed = run_ours(warm, steps, layer_graphs=False)
                 if rank == 0:
@@ -329,7 +351,10 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                        "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
                        "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
                        "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3, "ours_right": ours_right,
-                       "layer_graphs": padded}
+                       "layer_graphs": padded, "direct": direct}
+                if direct:
+                    row.update({"ring_ms": ring * 1e3, "ring_host_ms": ring_cpu * 1e3, "ring_right": ring_right,
+                                "ring_ratio_exact": ring / raw_exact[1]})
                 if padded:
                     row.update({"ours_plain_ms": plain * 1e3, "ours_plain_host_ms": plain_cpu * 1e3,
                                 "plain_ratio_exact": plain / raw_exact[1], "ours_plain_right": plain_right})
@@ -1194,8 +1219,11 @@ def report(args, phase_status: dict) -> dict:
         L.append(f"## Dispatch: RouterDispatcher protocol vs raw all_to_all_single, {di['world']} ranks\n")
         L.append("Per MoE layer round trip on the router, echo experts on the shards, at "
                  f"{' and '.join(map(str, di['layers_per_step']))} MoE layers per step (the checkpoint's; MiniMax-M1 "
-                 "has 80): ours = every token to every shard (one broadcast, one reduce that also sums the answers, no "
-                 "host sync), including the step header broadcast / layers and packing. Raw same bytes = "
+                 "has 80): ours = the protocol as the engine runs it, including the step header broadcast / layers "
+                 "and packing: up to PEER_MAX_TOKENS tokens (after padding), direct writes over the peer links when "
+                 "the ranks have them (`links`: each shard's tokens written into its memory, the answers into the "
+                 "router's, GPU barriers, no host sync), else every token to every shard by one broadcast and one "
+                 "reduce that also sums the answers (`rings`, the same steps without the links). Raw same bytes = "
                  "all_to_all_single of what ours delivers (all tokens to each shard); raw exact = all_to_all_single "
                  "of each shard's routed rows only, the fewest bytes any protocol must move. Fit of the raw rows: "
                  "alpha "
@@ -1207,16 +1235,21 @@ def report(args, phase_status: dict) -> dict:
                  "their step (`layer graphs`); `without` = the same steps with every collective issued eagerly. "
                  "`right`: a last step of one token fewer (padded), with new inputs at every layer, summed the echo "
                  "shards' answers correctly.\n")
-        L.append("| layers/step | tokens | bytes/layer | ours ms | ours host ms | right | without layer graphs ms | "
+        L.append("| layers/step | tokens | path | bytes/layer | ours ms | ours host ms | right | rings ms | "
+                 "rings / raw exact | without layer graphs ms | "
                  "host ms | raw same bytes ms | ours / raw same | exact bytes/layer | raw exact ms | "
                  "**ours / raw exact** | without / raw exact | alpha+bytes/BW ms | ours / model |")
-        L.append("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in di["rows"]:
             right = {True: "yes", False: "**NO**"}.get(r.get("ours_right"), "-")
             if r.get("ours_plain_right") is False:
                 right += " (without: **NO**)"
-            L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {r['bytes_per_layer']} | "
+            if r.get("ring_right") is False:
+                right += " (rings: **NO**)"
+            L.append(f"| {r.get('layers_per_step', '-')} | {r['tokens']} | {'links' if r.get('direct') else 'rings'} | "
+                     f"{r['bytes_per_layer']} | "
                      f"{fmt(r['ours_ms'], 3)} | {fmt(r.get('ours_host_ms'), 3)} | {right} | "
+                     f"{fmt(r.get('ring_ms'), 3)} | {fmt(r.get('ring_ratio_exact'))} | "
                      f"{fmt(r.get('ours_plain_ms'), 3)} | {fmt(r.get('ours_plain_host_ms'), 3)} | "
                      f"{fmt(r['raw_ms'], 3)} | {fmt(r['ratio'])} | {r.get('exact_bytes_per_layer', '-')} | "
                      f"{fmt(r.get('raw_exact_ms'), 3)} | **{fmt(r.get('ratio_exact'))}** | "

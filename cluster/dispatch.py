@@ -26,6 +26,10 @@ of two and sent as `graphed` too: the shards replay their step at that size, and
 the MoE layers stays eager, replays one graph per MoE layer (the broadcast, its own experts, the reduce) from static
 buffers. Its host work per layer is then a copy into the buffer and a replay instead of ~20 launches and two c10d
 calls, which cost more than the GPU time of a small layer. Padding rows route to expert -1, which no one holds.
+
+On GPUs of one host, steps of up to peer_links.PEER_MAX_TOKENS tokens (after padding) skip the rings: the router
+writes each shard's tokens into that shard's memory and the shards write their answers into the router's, with a GPU
+barrier between (cluster/peer_links.py). The header says the token count, so both sides pick the same path.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from kernels.peer_copy import send_answer, send_rows, sum_answers
+
+from .peer_links import PeerLinks
 from .step_graphs import StepGraphs, wait_for_gpu
 
 OP_STEP, OP_SHUTDOWN, OP_HEARTBEAT = 1, 2, 3
@@ -52,6 +59,11 @@ def meta_columns(dtype: torch.dtype, top_k: int) -> int:
     """Columns (of the hidden dtype) in front of each row's hidden state: top_k int64 expert ids, then top_k fp32
     weights, padded to a multiple of 8 bytes so the ids can be read back as int64 in place."""
     return -(-12 * top_k // 8) * 8 // torch.empty((), dtype=dtype).element_size()
+
+
+def row_width(hidden: int, dtype: torch.dtype, top_k: int) -> int:
+    """Columns of a packed row: the routing, then the hidden state."""
+    return hidden + meta_columns(dtype, top_k)
 
 
 def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
@@ -114,6 +126,8 @@ class RouterDispatcher:
         self.graphed = False
         self.padded_tokens: int | None = None  # this step's size in the per-layer graphs, or None (eager)
         self.graphs = StepGraphs(self.device)  # (padded size, layer) -> the captured layer
+        self.links: PeerLinks | None = None  # set by the group once formed, if its ranks can write to each other
+        self.direct = False  # this step's layers go through the links
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # padded size -> static (rows, out)
         # learned from eager steps, for the bytes of graphed ones (a replayed graph runs no Python to count them)
         self.layers_per_step = self._calls = self._row_bytes = 0
@@ -131,6 +145,7 @@ class RouterDispatcher:
         self.padded_tokens = None if graphed or not self.layer_graphs else layer_graph_tokens(num_tokens)
         if graphed:
             self.times.bytes_sent += num_tokens * self._row_bytes * self.layers_per_step
+        self.direct = self.links is not None and self.links.fits(self.padded_tokens or num_tokens)
         self._send_header(OP_STEP, self.padded_tokens or num_tokens, int(graphed or self.padded_tokens is not None))
 
     def finish_step(self) -> None:
@@ -166,7 +181,7 @@ class RouterDispatcher:
         t0 = self._time()
         if self.padded_tokens is None:
             rows = pack_rows(h, ids, weights)
-            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            self._send(rows, hidden, top_k)
             t1 = self._time()
             out = self._sum_answers(layer, rows, hidden, top_k)
         else:  # one replay: the packing is all that can be timed apart
@@ -188,16 +203,32 @@ class RouterDispatcher:
         return out
 
     def _layer(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):
-        _collective(dist.broadcast, rows, src=ROUTER_RANK)
+        self._send(rows, hidden, top_k)
         return self._sum_answers(layer, rows, hidden, top_k, out)
+
+    def _send(self, rows: torch.Tensor, hidden: int, top_k: int) -> None:
+        """Every shard gets the rows: by the ring broadcast, or written into its inbox (the routing of every row,
+        the hidden state of its own tokens only)."""
+        if not self.direct:
+            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            return
+        ids, links = unpack_rows(rows, hidden, top_k)[1], self.links
+        for s in range(links.num_shards):
+            send_rows(rows, links.inbox(s + 1, rows.shape[0]), ids, *links.shard_range(s), rows.shape[1] - hidden)
+        _collective(links.barrier)
 
     def _sum_answers(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):
         """The shards' answers summed into the router's own share (its experts' weighted outputs, zeros where none
         of them is routed), in `out` if given (a static buffer)."""
-        if self.local is None:
+        x, ids, weights = unpack_rows(rows, hidden, top_k)
+        share = None if self.local is None else self.local.forward(layer, x, ids, weights)
+        if self.direct:  # the answers are in once every shard has reached the barrier
+            _collective(self.links.barrier)
+            links = self.links
+            return sum_answers(share, links.answers(), ids, links.first, links.per, links.num_shards, out)
+        if share is None:
             out = rows.new_zeros(rows.shape[0], hidden) if out is None else out.zero_()
         else:
-            share = self.local.forward(layer, *unpack_rows(rows, hidden, top_k))
             out = share if out is None else out.copy_(share)
         _collective(dist.reduce, out, dst=ROUTER_RANK)
         return out
@@ -205,7 +236,7 @@ class RouterDispatcher:
     def _buffers(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The padded size's static rows and output, made the first time it is seen."""
         if self.padded_tokens not in self.buffers:
-            width = h.shape[1] + meta_columns(h.dtype, ids.shape[1])
+            width = row_width(h.shape[1], h.dtype, ids.shape[1])
             self.buffers[self.padded_tokens] = (h.new_zeros(self.padded_tokens, width),
                                                 h.new_zeros(self.padded_tokens, h.shape[1]))
         return self.buffers[self.padded_tokens]
@@ -214,11 +245,13 @@ class RouterDispatcher:
 class ShardWorker:
     """Shard side: follows the router's headers until told to shut down (or the group breaks)."""
 
-    def __init__(self, experts, num_layers: int, hidden: int, top_k: int, dtype, device, observe_compute=None):
+    def __init__(self, experts, num_layers: int, hidden: int, top_k: int, dtype, device, observe_compute=None,
+                 links: PeerLinks | None = None):
+        """links: the direct writes' buffers, if the group opened them (steps of up to links.max_tokens use them)."""
         self.experts, self.num_layers, self.hidden, self.top_k = experts, num_layers, hidden, top_k
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.links = dtype, torch.device(device), links
         _check_alignment(hidden, dtype)
-        self.width = hidden + meta_columns(dtype, top_k)
+        self.width = row_width(hidden, dtype, top_k)
         self.compute_seconds = 0.0
         self.tokens_computed = 0
         self.observe_compute = observe_compute  # called with each layer's compute seconds
@@ -244,12 +277,22 @@ class ShardWorker:
 
     def _step(self, num_tokens: int, timed: bool) -> None:
         """All the step's MoE layers. timed: each layer's expert compute is timed (not inside a CUDA-graph capture)."""
+        links = self.links if self.links is not None and self.links.fits(num_tokens) else None
         for layer in range(self.num_layers):
-            rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
-            _collective(dist.broadcast, rows, src=ROUTER_RANK)
+            if links is not None:  # the router has written this layer's rows once it reaches the barrier
+                _collective(links.barrier)
+                rows = links.inbox(links.rank, num_tokens)
+            else:
+                rows = torch.empty(num_tokens, self.width, dtype=self.dtype, device=self.device)
+                _collective(dist.broadcast, rows, src=ROUTER_RANK)
             x, ids, weights = unpack_rows(rows, self.hidden, self.top_k)
             y = self._timed_forward(layer, x, ids, weights) if timed else self.experts.forward(layer, x, ids, weights)
-            _collective(dist.reduce, y, dst=ROUTER_RANK)
+            if links is not None:
+                shard = links.rank - 1
+                send_answer(y, links.answers()[shard], ids, *links.shard_range(shard))
+                _collective(links.barrier)
+            else:
+                _collective(dist.reduce, y, dst=ROUTER_RANK)
 
     def _timed_forward(self, layer: int, x, ids, weights) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -18,7 +18,8 @@ from model_shards.config import ModelConfig
 from model_shards.expert_part import ExpertPart, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part
 
-from .dispatch import DispatchError, RouterDispatcher, ShardWorker
+from .dispatch import DispatchError, RouterDispatcher, ShardWorker, row_width
+from .peer_links import open_peer_links
 
 log = logging.getLogger("m1serve.shards")
 
@@ -87,6 +88,16 @@ def join_group(rank: int, world_size: int, store: dist.Store, device: torch.devi
                             timeout=timedelta(seconds=timeout_s))
 
 
+def open_links(rank: int, world_size: int, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               expert_range: tuple[int, int]):
+    """Right after join_group, on every rank: the direct-write buffers (peer_links), or None."""
+    try:
+        return open_peer_links(rank, world_size, device, dtype, cfg.hidden_size,
+                               row_width(cfg.hidden_size, dtype, cfg.num_experts_per_tok), expert_range)
+    except Exception as e:
+        raise DispatchError(f"opening the direct-write buffers failed: {type(e).__name__}: {e}") from e
+
+
 def shard_store(host: str, port: int, world_size: int, join_timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=join_timeout_s))
 
@@ -99,9 +110,10 @@ def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: 
     join_group(rank, world_size, shard_store(host, port, world_size, join_timeout_s), device, timeout_s,
                join_timeout_s)
     try:
+        links = open_links(rank, world_size, cfg, experts.dtype, device, (experts.first, experts.last))
         with torch.inference_mode():
             ShardWorker(experts, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok,
-                        experts.dtype, device, observe_compute).serve()
+                        experts.dtype, device, observe_compute, links).serve()
     finally:
         try:
             dist.destroy_process_group()
@@ -175,10 +187,16 @@ class FormedGroup:
                 pass
         self._leave()
 
+    def _join_links(self, world_size: int) -> None:
+        local = self.dispatcher.local
+        self.dispatcher.links = open_links(0, world_size, self.cfg, self.dtype, self.device,
+                                           (0, 0) if local is None else (local.first, local.last))
+
     def _leave(self) -> None:
         self.healthy = False
         if self.dispatcher is not None:
             self.dispatcher.clear_graphs()
+            self.dispatcher.links = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -191,12 +209,13 @@ class RendezvousShardGroup(FormedGroup):
     forms, rendezvous() has every shard asked to join a fresh store and returns that store's (host, port); this
     process then joins as rank 0."""
 
-    def __init__(self, rendezvous, num_shards: int, device, timeout_s: float = 30.0,
-                 join_timeout_s: float = 300.0, sync_timing: bool = False, local: ExpertPart | None = None,
-                 layer_graphs: bool | None = None):
+    def __init__(self, rendezvous, num_shards: int, cfg: ModelConfig, device, dtype: torch.dtype,
+                 timeout_s: float = 30.0, join_timeout_s: float = 300.0, sync_timing: bool = False,
+                 local: ExpertPart | None = None, layer_graphs: bool | None = None):
         """local: the router's own share of the experts (load_router_share), or None. layer_graphs: see
         RouterDispatcher."""
         self.rendezvous, self.num_shards, self.device = rendezvous, num_shards, torch.device(device)
+        self.cfg, self.dtype = cfg, dtype
         self.timeout_s, self.join_timeout_s = timeout_s, join_timeout_s
         self.dispatcher = RouterDispatcher(self.device, sync_timing, local, layer_graphs, timeout_s)
         self.healthy = False
@@ -208,6 +227,7 @@ class RendezvousShardGroup(FormedGroup):
             host, port = self.rendezvous()
             join_group(0, world, shard_store(host, port, world, self.join_timeout_s), self.device, self.timeout_s,
                        self.join_timeout_s)
+            self._join_links(world)
         except Exception as e:
             raise DispatchError(f"expert shards did not form a group: {type(e).__name__}: {e}") from e
         self.healthy = True
@@ -225,7 +245,7 @@ class ProcessShardGroup(FormedGroup):
                  local: ExpertPart | None = None, layer_graphs: bool | None = None):
         """local: the router's own share of the experts (load_router_share), or None. layer_graphs: see
         RouterDispatcher."""
-        cfg = ModelConfig.from_file(model_path)
+        self.cfg = cfg = ModelConfig.from_file(model_path)
         shard_expert_range(cfg.num_local_experts, num_shards, 0, local is not None)  # validates the split
         self.model_path, self.num_shards = str(model_path), num_shards
         self.device, self.dtype, self.timeout_s = torch.device(router_device), dtype, timeout_s
@@ -255,6 +275,11 @@ class ProcessShardGroup(FormedGroup):
             raise DispatchError(f"expert shards did not join within {self.join_timeout_s}s: {e}") from e
         self.dispatcher = RouterDispatcher(self.device, self.sync_timing, self.local, self.layer_graphs,
                                            self.timeout_s)
+        try:
+            self._join_links(self.num_shards + 1)
+        except DispatchError:
+            self._kill()
+            raise
         self.healthy = True
 
     def begin_step(self, num_tokens: int, graphed: bool = False) -> None:

@@ -1,5 +1,5 @@
-"""Triton kernels (kernels/lightning/{prefill,decode}.py, kernels/experts/grouped.py) against the references, on CPU
-under the Triton interpreter.
+"""Triton kernels (kernels/lightning/{prefill,decode}.py, kernels/experts/*.py, kernels/peer_copy) against the
+references, on CPU under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, and other test modules may import it earlier, so
 all checks run once in a subprocess (this file run as a script) that prints its measurements as JSON; the tests
@@ -213,6 +213,61 @@ def _run_checks() -> dict:
     res["combine_err"] = _rel(got, want) if torch.isfinite(got).all() else float("inf")
     ref = combine_pairs_reference(y, slot, num_rows)
     res["combine_reference_err"] = _rel(ref, want) if torch.isfinite(ref).all() else float("inf")
+    res.update(_peer_copy_checks())
+    return res
+
+
+def _peer_copy_checks() -> dict:
+    """The direct-write row copies (kernels/peer_copy) against their reference. Destinations start NaN: a row
+    the kernel must not write stays NaN, and one it must write cannot stay NaN. Shards: 3 of 4 experts each, the
+    first from expert 2 (the router holds 0-1); padding rows route to -1."""
+    import torch
+
+    from kernels.peer_copy import reference
+    from kernels.peer_copy.triton_copy import send_answer_triton, send_rows_triton, sum_answers_triton
+
+    torch.manual_seed(3)
+    T, K, H, meta, first, per, N = 11, 2, 1100, 12, 2, 3, 3  # H + meta > the kernel's 1024-column block
+    ids = torch.randint(0, first + N * per, (T, K))
+    ids[9:] = -1
+    rows = torch.randn(T, meta + H).bfloat16()
+    res = {}
+    ok = True
+    for s in range(N):
+        lo, hi = first + s * per, first + (s + 1) * per
+        want = torch.full((T + 2, meta + H), float("nan")).bfloat16()
+        got = want.clone()
+        reference.send_rows(rows, want, ids, lo, hi, meta)
+        send_rows_triton(rows, got, ids, lo, hi, meta)
+        mask = reference.routed(ids, lo, hi)
+        ok &= torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+        ok &= bool(mask.any() and (~mask[:9]).any())  # the case has both kinds of rows
+        ok &= bool(got[:T, :meta].isfinite().all() and got[:T][mask, meta:].isfinite().all())
+        ok &= bool(got[:T][~mask, meta:].isnan().all() and got[T:].isnan().all())
+    res["peer_send_rows_exact"] = ok
+    y = torch.randn(T, H).bfloat16()
+    answers_ref = torch.full((N, T + 2, H), float("nan")).bfloat16()
+    answers = answers_ref.clone()
+    for s in range(N):
+        lo, hi = first + s * per, first + (s + 1) * per
+        reference.send_answer(y * (s + 1), answers_ref[s], ids, lo, hi)
+        send_answer_triton(y * (s + 1), answers[s], ids, lo, hi)
+    res["peer_send_answer_exact"] = torch.equal(answers.isnan(), answers_ref.isnan()) and torch.equal(
+        answers.nan_to_num(), answers_ref.nan_to_num())
+    share = torch.randn(T, H).bfloat16()
+    want = share.double().clone()
+    for t in range(T):
+        for s in range(N):
+            if any(first + s * per <= e < first + (s + 1) * per for e in ids[t].tolist()):
+                want[t] += answers_ref[s, t].double()
+    for has_share in (True, False):
+        base = share.double() if has_share else torch.zeros_like(want)
+        w = want - share.double() + base
+        got = sum_answers_triton(share if has_share else None, answers, ids, first, per, N)
+        ref = reference.sum_answers(share if has_share else None, answers, ids, first, per, N)
+        key = "share" if has_share else "no_share"
+        res[f"peer_sum_{key}_err"] = _rel(got, w) if torch.isfinite(got).all() else float("inf")
+        res[f"peer_sum_{key}_reference_err"] = _rel(ref, w) if torch.isfinite(ref).all() else float("inf")
     return res
 
 
@@ -276,6 +331,17 @@ def test_combine_pairs(results):
     """Each token's expert rows summed back in token order, skipping the rows past the count (NaN here)."""
     assert results["combine_err"] < TOL
     assert results["combine_reference_err"] < TOL
+
+
+def test_peer_copy_rows(results):
+    """The direct writes: every row's routing and only the routed rows' hidden states reach a shard's inbox, only
+    its tokens' answers reach the router, and the router sums only the slots of the shards each token went to (the
+    others hold NaN here)."""
+    assert results["peer_send_rows_exact"]
+    assert results["peer_send_answer_exact"]
+    for key in ("share", "no_share"):
+        assert results[f"peer_sum_{key}_err"] < TOL
+        assert results[f"peer_sum_{key}_reference_err"] < TOL
 
 
 def test_dispatch_falls_back_on_cpu():

@@ -181,7 +181,7 @@ class Engine:
             local = (load_router_share(config.model, config.expert_shards, self.dtype, self.device,
                                        config.expert_dtype) if config.router_experts else None)
             if rendezvous is not None:
-                self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, self.device,
+                self.experts = RendezvousShardGroup(rendezvous, config.expert_shards, cfg, self.device, self.dtype,
                                                     config.collective_timeout_s, sync_timing=config.profile,
                                                     local=local, layer_graphs=config.cuda_graphs)
             else:
