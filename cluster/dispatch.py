@@ -213,8 +213,8 @@ class RouterDispatcher:
             _collective(dist.broadcast, rows, src=ROUTER_RANK)
             return
         ids, links = unpack_rows(rows, hidden, top_k)[1], self.links
-        for s in range(links.num_shards):
-            send_rows(rows, links.inbox(s + 1, rows.shape[0]), ids, *links.shard_range(s), rows.shape[1] - hidden)
+        inboxes = [links.inbox(s + 1, rows.shape[0]) for s in range(links.num_shards)]
+        send_rows(rows, inboxes, ids, links.first, links.per, rows.shape[1] - hidden)
         _collective(links.barrier)
 
     def _sum_answers(self, layer: int, rows: torch.Tensor, hidden: int, top_k: int, out: torch.Tensor | None = None):

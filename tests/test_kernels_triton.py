@@ -233,13 +233,12 @@ def _peer_copy_checks() -> dict:
     rows = torch.randn(T, meta + H).bfloat16()
     res = {}
     ok = True
-    for s in range(N):
-        lo, hi = first + s * per, first + (s + 1) * per
-        want = torch.full((T + 2, meta + H), float("nan")).bfloat16()
-        got = want.clone()
-        reference.send_rows(rows, want, ids, lo, hi, meta)
-        send_rows_triton(rows, got, ids, lo, hi, meta)
-        mask = reference.routed(ids, lo, hi)
+    wants = [torch.full((T + 2, meta + H), float("nan")).bfloat16() for _ in range(N)]
+    gots = [w.clone() for w in wants]  # separate allocations, as other GPUs' buffers are
+    reference.send_rows(rows, wants, ids, first, per, meta)
+    send_rows_triton(rows, gots, ids, first, per, meta)
+    for s, (want, got) in enumerate(zip(wants, gots)):
+        mask = reference.routed(ids, first + s * per, first + (s + 1) * per)
         ok &= torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
         ok &= bool(mask.any() and (~mask[:9]).any())  # the case has both kinds of rows
         ok &= bool(got[:T, :meta].isfinite().all() and got[:T][mask, meta:].isfinite().all())

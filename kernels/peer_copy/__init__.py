@@ -11,8 +11,8 @@ except ImportError:  # CPU-only installs without triton
     HAVE_TRITON = False
 
 
-def send_rows(rows, dst, ids, lo: int, hi: int, meta: int) -> None:
-    (send_rows_triton if HAVE_TRITON and rows.is_cuda else reference.send_rows)(rows, dst, ids, lo, hi, meta)
+def send_rows(rows, dsts, ids, first: int, per: int, meta: int) -> None:
+    (send_rows_triton if HAVE_TRITON and rows.is_cuda else reference.send_rows)(rows, dsts, ids, first, per, meta)
 
 
 def send_answer(y, dst, ids, lo: int, hi: int) -> None:

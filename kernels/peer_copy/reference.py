@@ -11,14 +11,16 @@ def routed(ids: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return ((ids >= lo) & (ids < hi)).any(-1)
 
 
-def send_rows(rows: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor, lo: int, hi: int, meta: int) -> None:
-    """dst[:T] gets every row's first `meta` columns (its routing) and the rest (its hidden state) only for the rows
-    routed to [lo, hi): a shard needs every token's routing, to know which are its own, and only its own tokens'
-    hidden states."""
+def send_rows(rows: torch.Tensor, dsts: list[torch.Tensor], ids: torch.Tensor, first: int, per: int,
+              meta: int) -> None:
+    """dsts[d][:T] gets every row's first `meta` columns (its routing) and the rest (its hidden state) only for the
+    rows routed to shard d, which holds experts [first + d * per, first + (d + 1) * per): a shard needs every token's
+    routing, to know which are its own, and only its own tokens' hidden states."""
     T = rows.shape[0]
-    dst[:T, :meta] = rows[:, :meta]
-    mask = routed(ids, lo, hi)
-    dst[:T, meta:][mask] = rows[:, meta:][mask]
+    for d, dst in enumerate(dsts):
+        dst[:T, :meta] = rows[:, :meta]
+        mask = routed(ids, first + d * per, first + (d + 1) * per)
+        dst[:T, meta:][mask] = rows[:, meta:][mask]
 
 
 def send_answer(y: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor, lo: int, hi: int) -> None:

@@ -1,6 +1,7 @@
 """Triton: the row copies of the router <-> shard direct writes (reference.py has their contract). One program per
-row, so a row not routed to the shard costs its routing columns only; the destinations may be another GPU's memory
-(a symmetric-memory buffer), which the stores then write over NVLink."""
+(row, destination, column block), so a row not routed to a shard costs its routing columns only and every
+destination is written at once; the destinations may be other GPUs' memory (symmetric-memory buffers), which the
+stores then write over NVLink."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ def _is_routed(ids, t, stride_ids, lo, hi, K: tl.constexpr):
 
 
 @triton.jit
-def _copy_rows_kernel(src, dst, ids, W, meta, lo, hi, stride_src, stride_dst, stride_ids, K: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _copy_rows_kernel(src, dst, dst_offsets, ids, W, meta, first, per, stride_src, stride_dst, stride_ids,
+                      K: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row t, destination d, column block): destination d is dst + dst_offsets[d] (another allocation,
+    addressed from dst: one launch serves every destination)."""
     t = tl.program_id(0).to(tl.int64)
-    n = tl.where(_is_routed(ids, t, stride_ids, lo, hi, K), W, meta)
-    for c in range(0, n, BLOCK):
-        cols = c + tl.arange(0, BLOCK)
-        ok = cols < n
-        tl.store(dst + t * stride_dst + cols, tl.load(src + t * stride_src + cols, mask=ok), mask=ok)
+    d = tl.program_id(1)
+    lo = first + d * per
+    n = tl.where(_is_routed(ids, t, stride_ids, lo, lo + per, K), W, meta)
+    cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    out = dst + tl.load(dst_offsets + d) + t * stride_dst
+    tl.store(out + cols, tl.load(src + t * stride_src + cols, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -45,21 +50,38 @@ def _sum_answers_kernel(share, answers, ids, out, H, N, stride_share, stride_sha
     tl.store(out + t * stride_out + cols, acc.to(out.dtype.element_ty), mask=ok)
 
 
-def _copy_rows(src, dst, ids, lo: int, hi: int, meta: int) -> None:
+_OFFSETS: dict[tuple, torch.Tensor] = {}
+
+
+def _offsets(dsts: list[torch.Tensor]) -> torch.Tensor:
+    """Each destination's start in elements from the first's, on the device: made once per set of buffers (the
+    first call at a size runs eagerly, before any CUDA-graph capture)."""
+    key = tuple(d.data_ptr() for d in dsts) + (dsts[0].device, dsts[0].element_size())
+    if key not in _OFFSETS:
+        gaps = [d.data_ptr() - dsts[0].data_ptr() for d in dsts]
+        assert all(g % dsts[0].element_size() == 0 for g in gaps)
+        _OFFSETS[key] = torch.tensor([g // dsts[0].element_size() for g in gaps], device=dsts[0].device)
+    return _OFFSETS[key]
+
+
+def _copy_rows(src, dsts: list[torch.Tensor], ids, first: int, per: int, meta: int) -> None:
     T, W = src.shape
     if T == 0:
         return
-    assert src.stride(1) == 1 and dst.stride(1) == 1 and ids.stride(1) == 1
-    _copy_rows_kernel[(T,)](src, dst, ids, W, meta, lo, hi, src.stride(0), dst.stride(0), ids.stride(0),
-                            K=ids.shape[1], BLOCK=1024, num_warps=4)
+    assert src.stride(1) == 1 and ids.stride(1) == 1 and all(d.stride() == dsts[0].stride() for d in dsts)
+    assert dsts[0].stride(1) == 1 and all(d.dtype == src.dtype for d in dsts)
+    BLOCK = 1024
+    _copy_rows_kernel[(T, len(dsts), triton.cdiv(W, BLOCK))](
+        src, dsts[0], _offsets(dsts), ids, W, meta, first, per, src.stride(0), dsts[0].stride(0), ids.stride(0),
+        K=ids.shape[1], BLOCK=BLOCK, num_warps=4)
 
 
-def send_rows_triton(rows, dst, ids, lo: int, hi: int, meta: int) -> None:
-    _copy_rows(rows, dst, ids, lo, hi, meta)
+def send_rows_triton(rows, dsts: list[torch.Tensor], ids, first: int, per: int, meta: int) -> None:
+    _copy_rows(rows, dsts, ids, first, per, meta)
 
 
 def send_answer_triton(y, dst, ids, lo: int, hi: int) -> None:
-    _copy_rows(y, dst, ids, lo, hi, 0)
+    _copy_rows(y, [dst], ids, lo, hi - lo, 0)
 
 
 def sum_answers_triton(share, answers, ids, first: int, per: int, num_shards: int, out=None):
