@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("m1serve.shards")
 
-PEER_MAX_TOKENS = 4096
+PEER_MAX_TOKENS = 2048  # at 4096 the rings were faster (bench/results/dispatch-h200x4-2026-11-28-peer-links.md)
 
 
 class PeerLinks:
@@ -65,27 +65,85 @@ def buffer_elements(num_shards: int, hidden: int, width: int, max_tokens: int = 
     return max(max_tokens * width, num_shards * max_tokens * hidden)
 
 
+_rendezvous_done = 0  # symmetric-memory rendezvous this process has joined
+
+
 def open_peer_links(rank: int, world: int, device: torch.device, dtype: torch.dtype, hidden: int, width: int,
                     expert_range: tuple[int, int]) -> PeerLinks | None:
     """Collective over the group just formed: every rank's buffer mapped into every other's, or None on every rank
-    (the ring collectives then carry all steps) unless all ranks are GPUs of one host that can reach each other's
-    memory. M1SERVE_PEER_LINKS=0 turns them off."""
-    usable = device.type == "cuda" and os.environ.get("M1SERVE_PEER_LINKS", "1") != "0"
-    if usable:
-        usable = all(torch.cuda.can_device_access_peer(device, torch.device("cuda", i))
-                     for i in range(torch.cuda.device_count()) if i != device.index)
+    (the ring collectives then carry all steps). Links need every rank to be a GPU of one host that can reach the
+    others' memory, and to open them for the first time in its process: a group re-formed after a failure mixes
+    fresh processes with ones that joined a rendezvous before, whose symmetric-memory state we do not rely on
+    lining up, so it runs on the rings. M1SERVE_PEER_LINKS=0 turns them off."""
+    global _rendezvous_done
     seen: list = [None] * world
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        dist.all_gather_object(seen, (socket.gethostname(), usable, tuple(expert_range)))
-    if not all(u for _, u, _ in seen) or len({h for h, _, _ in seen}) != 1:
+        dist.all_gather_object(seen, (socket.gethostname(), _usable(device), tuple(expert_range)))
+    if not links_agreed([(host, ok) for host, ok, _ in seen]):
         if rank == 0 and device.type == "cuda":
-            log.info("peer links off (ranks on several hosts, no peer access, or M1SERVE_PEER_LINKS=0): "
-                     "every MoE layer uses the ring broadcast and reduce")
+            log.info("peer links off (%s): every MoE layer uses the ring broadcast and reduce",
+                     "ranks on several hosts, no peer access, M1SERVE_PEER_LINKS=0 or a re-formed group")
         return None
+    _rendezvous_done += 1
+    n = buffer_elements(world - 1, hidden, width)
+    mapped = _all_ranks(world, device, "mapping the other ranks' buffers", lambda: _map_buffers(rank, world, device,
+                                                                                               dtype, n))
+    if mapped is None or _all_ranks(world, device, "writing into the others' buffers",
+                                    lambda: _check_writes(rank, world, *mapped)) is None:
+        return None
+    if rank == 0:
+        log.info("peer links on: %d shards, MoE layers of up to %d tokens written directly", world - 1,
+                 PEER_MAX_TOKENS)
+    return PeerLinks(rank, mapped[0], mapped[1], [r for _, _, r in seen], hidden, width)
+
+
+def _all_ranks(world: int, device: torch.device, what: str, fn):
+    """fn()'s result if it succeeded on every rank, else None on every rank (the rings then carry all layers)."""
+    try:
+        result, error = fn(), None
+    except Exception as e:  # e.g. a process that cannot map another GPU's memory
+        result, error = None, f"{type(e).__name__}: {e}"
+    errors: list = [None] * world
+    with torch.cuda.device(device):
+        dist.all_gather_object(errors, error)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if failed:
+        log.warning("peer links off, %s failed (%s): the rings carry every MoE layer", what, "; ".join(failed))
+        return None
+    return result
+
+
+def _map_buffers(rank: int, world: int, device: torch.device, dtype: torch.dtype, n: int):
+    """This rank's symmetric buffer and its views of the others' (all world of them), and the barrier."""
     import torch.distributed._symmetric_memory as symm_mem
 
-    n = buffer_elements(world - 1, hidden, width)
     buf = symm_mem.empty(n, dtype=dtype, device=device)
     handle = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
-    buffers = [buf if r == rank else handle.get_buffer(r, (n,), dtype) for r in range(world)]
-    return PeerLinks(rank, buffers, handle.barrier, [r for _, _, r in seen], hidden, width)
+    return [buf if r == rank else handle.get_buffer(r, (n,), dtype) for r in range(world)], handle.barrier
+
+
+def _check_writes(rank: int, world: int, buffers: list[torch.Tensor], barrier) -> bool:
+    """Every rank writes its number into everyone's buffer and reads back the others'."""
+    own = buffers[rank]
+    own[:world].zero_()
+    barrier()
+    for b in buffers:
+        b[rank].fill_(rank + 1)
+    barrier()
+    seen = own[:world].tolist()
+    barrier()  # nobody writes into a buffer again before its owner has read it
+    if seen != list(range(1, world + 1)):
+        raise RuntimeError(f"rank {rank} read {seen} back")
+    return True
+
+
+def _usable(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("M1SERVE_PEER_LINKS", "1") == "0" or _rendezvous_done:
+        return False
+    return all(torch.cuda.can_device_access_peer(device, torch.device("cuda", i))
+               for i in range(torch.cuda.device_count()) if i != device.index)
+
+
+def links_agreed(ranks: list[tuple[str, bool]]) -> bool:
+    """Every rank (hostname, usable) can use links and all are on one host."""
+    return all(ok for _, ok in ranks) and len({host for host, _ in ranks}) == 1

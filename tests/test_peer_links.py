@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.dispatch import RouterDispatcher, ShardWorker, row_width
-from cluster.peer_links import PeerLinks, buffer_elements
+from cluster.peer_links import PeerLinks, buffer_elements, links_agreed
 from model_shards.config import ModelConfig
 from model_shards.expert_part import router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part
@@ -109,3 +109,19 @@ def test_links_reject_unequal_or_unordered_shard_ranges():
         PeerLinks(0, bufs, lambda: None, [(0, 0), (4, 8), (0, 4)], 4, 8)
     links = PeerLinks(0, bufs, lambda: None, [(0, 2), (2, 5), (5, 8)], 4, 8)
     assert (links.first, links.per, links.num_shards, links.shard_range(1)) == (2, 3, 2, (5, 8))
+
+
+def test_links_need_every_rank_usable_on_one_host():
+    assert links_agreed([("a", True), ("a", True), ("a", True)])
+    assert not links_agreed([("a", True), ("a", False), ("a", True)])  # e.g. a process that joined a group before
+    assert not links_agreed([("a", True), ("b", True)])
+
+
+def test_no_links_on_cpu(tmp_path):
+    from cluster.peer_links import open_peer_links
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert open_peer_links(0, 1, torch.device("cpu"), torch.float32, 8, 16, (0, 0)) is None
+    finally:
+        dist.destroy_process_group()
