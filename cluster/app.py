@@ -13,7 +13,7 @@ from ray.serve import Application
 
 from model_shards.config import ModelConfig
 
-from .deployments import ExpertShard, Router
+from .deployments import NOSET_CUDA_VISIBLE_DEVICES, ExpertShard, Router
 
 ROUTER_NAME = "Router"
 ENGINE_FIELDS = ("dtype", "expert_dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_len",
@@ -79,7 +79,9 @@ def build_app(args: AppArgs | dict) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs(**args)
     name = args.model_name or Path(args.model).name
-    runtime_env = {"env_vars": dict(args.env)} if args.env else {}
+    # every replica sees all GPUs of its node (each still uses only the one Ray assigned it: replica_device), so the
+    # router and the shards on one node can write into each other's memory (cluster/peer_links.py)
+    runtime_env = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1", **args.env}}
     engine = {name: getattr(args, name) for name in ENGINE_FIELDS}
     shard_deployment = serve.deployment(ExpertShard)
     shards = [

@@ -43,8 +43,20 @@ def setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
 def replica_device() -> torch.device:
-    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+    """The replica's GPU, the first Ray assigned it. Ray narrows CUDA_VISIBLE_DEVICES to it (cuda:0) unless
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, which build_app sets so that the router and shards on one node
+    see each other's GPUs and can open the peer links: then it is picked by its id."""
+    ids = ray.get_gpu_ids()
+    if not ids:
+        return torch.device("cpu")
+    if os.environ.get(NOSET_CUDA_VISIBLE_DEVICES) != "1":
+        return torch.device("cuda", 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", visible.split(",").index(str(ids[0])) if visible else int(ids[0]))
 
 
 class ExpertShard:

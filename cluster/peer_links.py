@@ -78,11 +78,12 @@ def open_peer_links(rank: int, world: int, device: torch.device, dtype: torch.dt
     global _rendezvous_done
     seen: list = [None] * world
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        dist.all_gather_object(seen, (socket.gethostname(), _usable(device), tuple(expert_range)))
-    if not links_agreed([(host, ok) for host, ok, _ in seen]):
+        dist.all_gather_object(seen, (socket.gethostname(), _usable(device), device.index, tuple(expert_range)))
+    if not links_agreed([r[:3] for r in seen]):
         if rank == 0 and device.type == "cuda":
             log.info("peer links off (%s): every MoE layer uses the ring broadcast and reduce",
-                     "ranks on several hosts, no peer access, M1SERVE_PEER_LINKS=0 or a re-formed group")
+                     "ranks on several hosts or seeing only their own GPU, no peer access, M1SERVE_PEER_LINKS=0 or "
+                     "a re-formed group")
         return None
     _rendezvous_done += 1
     n = buffer_elements(world - 1, hidden, width)
@@ -94,7 +95,7 @@ def open_peer_links(rank: int, world: int, device: torch.device, dtype: torch.dt
     if rank == 0:
         log.info("peer links on: %d shards, MoE layers of up to %d tokens written directly", world - 1,
                  PEER_MAX_TOKENS)
-    return PeerLinks(rank, mapped[0], mapped[1], [r for _, _, r in seen], hidden, width)
+    return PeerLinks(rank, mapped[0], mapped[1], [r[3] for r in seen], hidden, width)
 
 
 def _all_ranks(world: int, device: torch.device, what: str, fn):
@@ -144,6 +145,8 @@ def _usable(device: torch.device) -> bool:
                for i in range(torch.cuda.device_count()) if i != device.index)
 
 
-def links_agreed(ranks: list[tuple[str, bool]]) -> bool:
-    """Every rank (hostname, usable) can use links and all are on one host."""
-    return all(ok for _, ok in ranks) and len({host for host, _ in ranks}) == 1
+def links_agreed(ranks: list[tuple[str, bool, int | None]]) -> bool:
+    """Every rank (hostname, usable, device index) can use links, all are on one host, and each names a different
+    GPU: processes that each see only their own GPU (as cuda:0) cannot map each other's memory."""
+    return (all(ok for _, ok, _ in ranks) and len({host for host, _, _ in ranks}) == 1
+            and len({index for _, _, index in ranks}) == len(ranks))

@@ -106,6 +106,7 @@ def serve_experts(experts: ExpertPart, cfg: ModelConfig, rank: int, world_size: 
                   device: torch.device, timeout_s: float, join_timeout_s: float, observe_compute=None) -> None:
     """A shard's life in one group: join, follow the router until shutdown or failure, leave the group."""
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # this thread's current device: Triton launches on it
         log_kernel_builds(log)
     join_group(rank, world_size, shard_store(host, port, world_size, join_timeout_s), device, timeout_s,
                join_timeout_s)

@@ -111,10 +111,11 @@ def test_links_reject_unequal_or_unordered_shard_ranges():
     assert (links.first, links.per, links.num_shards, links.shard_range(1)) == (2, 3, 2, (5, 8))
 
 
-def test_links_need_every_rank_usable_on_one_host():
-    assert links_agreed([("a", True), ("a", True), ("a", True)])
-    assert not links_agreed([("a", True), ("a", False), ("a", True)])  # e.g. a process that joined a group before
-    assert not links_agreed([("a", True), ("b", True)])
+def test_links_need_every_rank_usable_on_one_host_each_on_its_own_gpu():
+    assert links_agreed([("a", True, 0), ("a", True, 1), ("a", True, 2)])
+    assert not links_agreed([("a", True, 0), ("a", False, 1), ("a", True, 2)])  # e.g. one that joined a group before
+    assert not links_agreed([("a", True, 0), ("b", True, 1)])
+    assert not links_agreed([("a", True, 0), ("a", True, 0)])  # Ray replicas that each see only their GPU
 
 
 def test_no_links_on_cpu(tmp_path):

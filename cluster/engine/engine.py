@@ -161,6 +161,7 @@ class Engine:
         rendezvous() gathers (see RendezvousShardGroup)."""
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device of this thread (and the engine thread's, below)
             log_kernel_builds(log)
         if config.max_num_batched_tokens is None:
             config = replace(config, max_num_batched_tokens=STEP_TOKENS[self.device.type])
@@ -412,6 +413,8 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while True:
             try:
                 block = not self.scheduler.has_work()

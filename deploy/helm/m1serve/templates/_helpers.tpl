@@ -159,7 +159,10 @@ app.kubernetes.io/part-of: m1serve
         has. A config override replaces ray_actor_options whole, hence num_cpus/num_gpus/runtime_env again. */}}
 {{- $routerOpts := dict "num_cpus" (float64 $v.router.rayCpus) "num_gpus" (int $v.router.gpus)
       "resources" (dict (include "m1serve.routerResource" .) 1) }}
-{{- if $m.env }}{{- $_ := set $routerOpts "runtime_env" (dict "env_vars" $m.env) }}{{- end }}
+{{- /* RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: the builder's default (cluster.app; replicas on one node see
+        each other's GPUs for the peer links), which the model's env may override. */}}
+{{- $routerEnv := merge (deepCopy (default dict $m.env)) (dict "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" "1") }}
+{{- $_ := set $routerOpts "runtime_env" (dict "env_vars" $routerEnv) }}
 {{- $cfg := dict
       "proxy_location" "EveryNode"
       "http_options" (dict "host" "0.0.0.0" "port" 8000)
