@@ -60,7 +60,8 @@ def test_engine_and_transformers_phases_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_dispatch_phase_on_cpu(tmp_path):
     """The dispatch phase over gloo, tiny dims: ours (padded where the engine pads) and raw all_to_all_single per size
-    and layer count, each answer checked (echo shards: the sum is shards x the input), and the report's table."""
+    and layer count, each answer checked (echo shards: the sum is the input times the shards a token went to), and the
+    report's table (no peer links on CPU: every size on the rings)."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_cluster.py"), "--out", str(out), "--work", str(tmp_path / "w"),
            "--model", str(tmp_path / "none"), "--device", "cpu", "--tiny", "--layers", "2", "--shards", "2",
@@ -74,6 +75,7 @@ def test_dispatch_phase_on_cpu(tmp_path):
         assert r["ours_right"] is True and r["ours_plain_right"] is True, r
         assert r["ours_ms"] > 0 and r["raw_exact_ms"] > 0
         assert r["ratio_exact"] == pytest.approx(r["ours_ms"] / r["raw_exact_ms"])
+        assert r["direct"] is False and "ring_ms" not in r
     md = (out / "gpu-cluster.md").read_text()
     assert "## Dispatch: RouterDispatcher protocol vs raw all_to_all_single, 3 ranks" in md
     assert sum(1 for ln in md.splitlines() if ln.startswith("| 3 | 64 |") and "| yes |" in ln) == 1

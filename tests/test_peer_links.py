@@ -126,3 +126,33 @@ def test_no_links_on_cpu(tmp_path):
         assert open_peer_links(0, 1, torch.device("cpu"), torch.float32, 8, 16, (0, 0)) is None
     finally:
         dist.destroy_process_group()
+
+
+def test_replicas_pick_their_ray_gpu_when_they_see_the_whole_node(monkeypatch):
+    """Links need the router and shards to see each other's GPUs: with NOSET every replica sees all of them and must
+    pick the one Ray assigned it by id (its index in CUDA_VISIBLE_DEVICES when the node narrows that); without it,
+    Ray narrows the replica to its GPU, which is cuda:0."""
+    from cluster import deployments
+
+    monkeypatch.setattr(deployments.ray, "get_gpu_ids", lambda: [2])
+    monkeypatch.delenv(deployments.NOSET_CUDA_VISIBLE_DEVICES, raising=False)
+    assert deployments.replica_device() == torch.device("cuda", 0)
+    monkeypatch.setenv(deployments.NOSET_CUDA_VISIBLE_DEVICES, "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert deployments.replica_device() == torch.device("cuda", 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,2,7")
+    assert deployments.replica_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(deployments.ray, "get_gpu_ids", lambda: [])
+    assert deployments.replica_device() == torch.device("cpu")
+
+
+def test_the_app_builder_lets_replicas_see_their_node(tiny_model):
+    from cluster.app import build_app
+    from cluster.deployments import NOSET_CUDA_VISIBLE_DEVICES
+
+    app = build_app({"model": str(tiny_model), "expert_shards": 2, "env": {"X": "1"}})
+    router = app._bound_deployment
+    for d in [router, *(s._bound_deployment for s in router.init_args[1])]:
+        assert d.ray_actor_options["runtime_env"]["env_vars"] == {NOSET_CUDA_VISIBLE_DEVICES: "1", "X": "1"}
+    app = build_app({"model": str(tiny_model), "expert_shards": 2, "env": {NOSET_CUDA_VISIBLE_DEVICES: "0"}})
+    assert app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"] == {NOSET_CUDA_VISIBLE_DEVICES: "0"}
