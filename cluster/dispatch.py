@@ -103,7 +103,8 @@ class StepTimes:
     experts: float = 0.0  # the router's own experts, if any, then the reduce, which waits for the shards' compute and
     # sums their answers (the combine); a layer replayed from a graph: the whole replay
     layers: int = 0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # the step's rows once per layer (what the ring broadcast sends over the router's link; the
+    # direct writes send each shard only its tokens' hidden states, not counted apart: that would need a host sync)
     samples: list[float] = field(default_factory=list)  # per-layer round trips, for histograms
 
 
@@ -222,9 +223,9 @@ class RouterDispatcher:
         of them is routed), in `out` if given (a static buffer)."""
         x, ids, weights = unpack_rows(rows, hidden, top_k)
         share = None if self.local is None else self.local.forward(layer, x, ids, weights)
+        links = self.links
         if self.direct:  # the answers are in once every shard has reached the barrier
-            _collective(self.links.barrier)
-            links = self.links
+            _collective(links.barrier)
             return sum_answers(share, links.answers(), ids, links.first, links.per, links.num_shards, out)
         if share is None:
             out = rows.new_zeros(rows.shape[0], hidden) if out is None else out.zero_()
