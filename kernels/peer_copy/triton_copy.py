@@ -64,7 +64,7 @@ def _offsets(dsts: list[torch.Tensor]) -> torch.Tensor:
     return _OFFSETS[key]
 
 
-def _copy_rows(src, dsts: list[torch.Tensor], ids, first: int, per: int, meta: int) -> None:
+def send_rows_triton(src, dsts: list[torch.Tensor], ids, first: int, per: int, meta: int) -> None:
     T, W = src.shape
     if T == 0:
         return
@@ -76,12 +76,9 @@ def _copy_rows(src, dsts: list[torch.Tensor], ids, first: int, per: int, meta: i
         K=ids.shape[1], BLOCK=BLOCK, num_warps=4)
 
 
-def send_rows_triton(rows, dsts: list[torch.Tensor], ids, first: int, per: int, meta: int) -> None:
-    _copy_rows(rows, dsts, ids, first, per, meta)
-
-
 def send_answer_triton(y, dst, ids, lo: int, hi: int) -> None:
-    _copy_rows(y, [dst], ids, lo, hi - lo, 0)
+    """send_rows with one destination and no routing columns: only the rows routed to [lo, hi) are copied."""
+    send_rows_triton(y, [dst], ids, lo, hi - lo, 0)
 
 
 def sum_answers_triton(share, answers, ids, first: int, per: int, num_shards: int, out=None):
