@@ -185,7 +185,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
     import torch.distributed as dist
 
     from cluster.dispatch import (LAYER_GRAPH_MAX_TOKENS, RouterDispatcher, ShardWorker, layer_graph_tokens,
-                                  meta_columns)
+                                  row_width)
     from cluster.peer_links import open_peer_links
     from cluster.step_graphs import StepGraphs
 
@@ -214,7 +214,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
         sync(dev)
         return host, (now() - t0) / (steps * layers)
 
-    width = hidden + meta_columns(dtype, top_k)
+    width = row_width(hidden, dtype, top_k)
     eps = experts // N
     my_range = (0, 0) if rank == 0 else ((rank - 1) * eps, rank * eps)
     links = open_peer_links(rank, world, dev, dtype, hidden, width, my_range)  # None on CPU / without peer access

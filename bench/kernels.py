@@ -51,6 +51,8 @@ from kernels.lightning.decode import lightning_decode_pool  # noqa: E402
 from kernels.lightning.prefill import lightning_prefill_varlen  # noqa: E402
 from kernels.lightning.reference import lightning_attention as lightning_reference  # noqa: E402
 from kernels.lightning.reference import lightning_recurrence  # noqa: E402
+from kernels.peer_copy import reference as peer_reference  # noqa: E402
+from kernels.peer_copy.triton_copy import send_answer_triton, send_rows_triton, sum_answers_triton  # noqa: E402
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
@@ -253,6 +255,7 @@ def correctness_gate() -> dict:
                              dequantize_int8(q2, s2, torch.float64), wts.double())
     res["experts_int8_relL2"] = rel(y8, ref8)
     res["experts_int8_vs_bf16_weights_relL2"] = rel(y8, ref64)
+    res.update(peer_copy_gate())
     ok = (res["prefill_all_written"] and res["prefill_untouched"] and res["prefill_o_relL2_max"] < 1e-2
           and res["prefill_state_relL2_max"] < 1e-2 and res["decode_all_written"] and res["decode_pad_zero"]
           and res["decode_o_relL2_max"] < 1e-2 and res["decode_state_relL2_max"] < 1e-2 and res["decode_untouched"]
@@ -260,9 +263,41 @@ def correctness_gate() -> dict:
           and res["experts_grouped_mm_relL2"] < 1e-2
           and res["experts_no_sync_relL2"] < 1e-2 and res["experts_no_sync_grouped_mm_relL2"] < 1e-2
           and res["combine_relL2"] < 1e-2 and res["combine_skips_past_count"]
-          and res["dispatch_prefill_matches_kernel"] and res["experts_dispatch_matches"])
+          and res["dispatch_prefill_matches_kernel"] and res["experts_dispatch_matches"]
+          and res["peer_send_rows_exact"] and res["peer_send_answer_exact"] and res["peer_sum_relL2"] < 1e-2)
     res["pass"] = bool(ok)
     return res
+
+
+def peer_copy_gate() -> dict:
+    """The direct-write row copies at the real row layout (16 routing columns + 6144), 3 shards of 8 experts after
+    the router's 8, into NaN-filled destinations on this GPU: separate allocations (the 16-byte aligned path) and
+    views 8 elements apart (the unaligned one). Copies must equal the reference exactly."""
+    T, K, Hd, meta, N, per = 300, 2, 6144, 16, 3, 8
+    ids = torch.randint(0, 32, (T, K), device=DEV)
+    ids[-5:] = -1
+    rows = torch.randn(T, meta + Hd, device=DEV).bfloat16()
+    exact = True
+    base = torch.full((N, T * (meta + Hd) + 16), float("nan"), device=DEV).bfloat16()
+    for dsts in ([torch.full((T, meta + Hd), float("nan"), device=DEV).bfloat16() for _ in range(N)],
+                 [base[s, 8 * (s % 2):][:T * (meta + Hd)].view(T, meta + Hd) for s in range(N)]):
+        want = [d.clone() for d in dsts]
+        peer_reference.send_rows(rows, want, ids, per, per, meta)
+        send_rows_triton(rows, dsts, ids, per, per, meta)
+        exact &= all(torch.equal(d.nan_to_num(), w.nan_to_num()) and torch.equal(d.isnan(), w.isnan())
+                     for d, w in zip(dsts, want))
+    y = torch.randn(N, T, Hd, device=DEV).bfloat16()
+    answers = torch.full((N, T, Hd), float("nan"), device=DEV).bfloat16()
+    want = answers.clone()
+    for s in range(N):
+        peer_reference.send_answer(y[s], want[s], ids, per * (s + 1), per * (s + 2))
+        send_answer_triton(y[s], answers[s], ids, per * (s + 1), per * (s + 2))
+    share = torch.randn(T, Hd, device=DEV).bfloat16()
+    ref = peer_reference.sum_answers(share.double(), want.nan_to_num().double(), ids, per, per, N)
+    return {"peer_send_rows_exact": bool(exact),
+            "peer_send_answer_exact": bool(torch.equal(answers.nan_to_num(), want.nan_to_num())
+                                           and torch.equal(answers.isnan(), want.isnan())),
+            "peer_sum_relL2": rel(sum_answers_triton(share, answers, ids, per, per, N), ref)}
 
 
 # ----------------------------------------------------------------------------------------------------- cases

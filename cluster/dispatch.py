@@ -5,10 +5,11 @@ router may hold the first of N+1 equal ranges itself (`local`, router_experts): 
 rows and collecting the shards' answers, so they overlap the shards' compute and its GPU does not sit idle.
 Every step the router broadcasts a header (operation, token count, graphed; while idle, a heartbeat header keeps the
 group's timeouts from firing); then, at each MoE layer, one broadcast carries all the step's tokens' hidden states
-plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row: 24 bytes at top-2) to every
-shard, and one reduce sums the shards' [T, H] answers on the router. A shard computes only the (token, expert) pairs
-of its own experts and answers zeros for the rest; each token has at most top_k non-zero partials, so the sum is
-exact whatever order the backend adds them in (the router's share is its own experts' partial, or zeros).
+plus their routing (int64 expert ids and fp32 weights as raw bytes in front of each row, padded to 16 columns: 32
+bytes at top-2 in bf16) to every shard, and one reduce sums the shards' [T, H] answers on the router. A shard
+computes only the (token, expert) pairs of its own experts and answers zeros for the rest; each token has at most
+top_k non-zero partials, so the sum is exact whatever order the backend adds them in (the router's share is its own
+experts' partial, or zeros).
 Sizes are known from the header, so a step runs with no device-to-host sync on any rank and no copies besides
 packing. Sending every shard every token costs the router's link no more than sending each shard only its tokens:
 the broadcast and the reduce are rings in which the router sends and receives T rows once, where an all_to_all of
@@ -57,8 +58,10 @@ class DispatchError(RuntimeError):
 
 def meta_columns(dtype: torch.dtype, top_k: int) -> int:
     """Columns (of the hidden dtype) in front of each row's hidden state: top_k int64 expert ids, then top_k fp32
-    weights, padded to a multiple of 8 bytes so the ids can be read back as int64 in place."""
-    return -(-12 * top_k // 8) * 8 // torch.empty((), dtype=dtype).element_size()
+    weights, then zeros up to a multiple of 16 columns. The ids read back as int64 in place, and with a hidden size
+    that is a multiple of 16 every row and its hidden state start 16-column aligned, which the peer-copy kernels
+    need for 16-byte accesses."""
+    return -(-12 * top_k // (16 * torch.empty((), dtype=dtype).element_size())) * 16
 
 
 def row_width(hidden: int, dtype: torch.dtype, top_k: int) -> int:
@@ -70,9 +73,9 @@ def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: to
               ) -> torch.Tensor:
     """[T, H] hidden + [T, K] int64 ids + [T, K] fp32 weights -> [T, meta + H] in h's dtype (into out if given), in
     one copy: the routing goes in as raw bytes (no casts)."""
-    w = weights.float()
-    if ids.shape[1] % 2:  # keep rows 8-byte aligned
-        w = torch.nn.functional.pad(w, (0, 1))
+    top_k = ids.shape[1]
+    fp32_slots = meta_columns(h.dtype, top_k) * h.element_size() // 4  # 2 per id, 1 per weight, the rest zeros
+    w = torch.nn.functional.pad(weights.float(), (0, fp32_slots - 3 * top_k))
     return torch.cat([ids.contiguous().view(h.dtype), w.view(h.dtype), h], dim=-1, out=out)
 
 

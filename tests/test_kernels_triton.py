@@ -227,22 +227,23 @@ def _peer_copy_checks() -> dict:
     from kernels.peer_copy.triton_copy import send_answer_triton, send_rows_triton, sum_answers_triton
 
     torch.manual_seed(3)
-    T, K, H, meta, first, per, N = 11, 2, 1100, 12, 2, 3, 3  # H + meta > the kernel's 1024-column block
+    T, K, H, first, per, N = 11, 2, 1104, 2, 3, 3  # H + meta > the kernel's 1024-column block
     ids = torch.randint(0, first + N * per, (T, K))
     ids[9:] = -1
-    rows = torch.randn(T, meta + H).bfloat16()
     res = {}
     ok = True
-    wants = [torch.full((T + 2, meta + H), float("nan")).bfloat16() for _ in range(N)]
-    gots = [w.clone() for w in wants]  # separate allocations, as other GPUs' buffers are
-    reference.send_rows(rows, wants, ids, first, per, meta)
-    send_rows_triton(rows, gots, ids, first, per, meta)
-    for s, (want, got) in enumerate(zip(wants, gots)):
-        mask = reference.routed(ids, first + s * per, first + (s + 1) * per)
-        ok &= torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
-        ok &= bool(mask.any() and (~mask[:9]).any())  # the case has both kinds of rows
-        ok &= bool(got[:T, :meta].isfinite().all() and got[:T][mask, meta:].isfinite().all())
-        ok &= bool(got[:T][~mask, meta:].isnan().all() and got[T:].isnan().all())
+    for meta, hidden in ((16, H), (12, H - 4)):  # 16-column aligned rows (dispatch's layout), and unaligned ones
+        rows = torch.randn(T, meta + hidden).bfloat16()
+        wants = [torch.full((T + 2, meta + hidden), float("nan")).bfloat16() for _ in range(N)]
+        gots = [w.clone() for w in wants]  # separate allocations, as other GPUs' buffers are
+        reference.send_rows(rows, wants, ids, first, per, meta)
+        send_rows_triton(rows, gots, ids, first, per, meta)
+        for s, (want, got) in enumerate(zip(wants, gots)):
+            mask = reference.routed(ids, first + s * per, first + (s + 1) * per)
+            ok &= torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+            ok &= bool(mask.any() and (~mask[:9]).any())  # the case has both kinds of rows
+            ok &= bool(got[:T, :meta].isfinite().all() and got[:T][mask, meta:].isfinite().all())
+            ok &= bool(got[:T][~mask, meta:].isnan().all() and got[T:].isnan().all())
     res["peer_send_rows_exact"] = ok
     y = torch.randn(T, H).bfloat16()
     answers_ref = torch.full((N, T + 2, H), float("nan")).bfloat16()
@@ -415,6 +416,49 @@ def test_warmup_builds_every_expert_tile_config(int8):
     assert {choice(t) for t in range(1, step + 1)} <= built
 
 
+def _copy_kernel_stores() -> dict:
+    """The global stores the row-copy kernel compiles to for Hopper (Triton's compiler and ptxas; no GPU needed),
+    its arguments specialized as a launch specializes them (pointers and integers that are multiples of 16 marked
+    so): for dispatch's rows at MiniMax-M1's hidden size, and for rows of 12 routing columns (the layout before)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cluster.dispatch import meta_columns, row_width
+    from kernels.peer_copy.triton_copy import _copy_rows_kernel
+
+    layouts = {"dispatch_rows": (row_width(6144, torch.bfloat16, 2), meta_columns(torch.bfloat16, 2)),
+               "rows_of_12_routing_columns": (6156, 12)}
+    stores = {}
+    for name, (width, meta) in layouts.items():
+        ints = {"W": width, "meta": meta, "first": 8, "per": 8, "stride_src": width, "stride_dst": width,
+                "stride_ids": 2}
+        signature = {"src": "*bf16", "dst": "*bf16", "dst_offsets": "*i64", "ids": "*i64", **{k: "i32" for k in ints},
+                     "K": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature)
+                 if signature[arg].startswith("*") or ints.get(arg, 1) % 16 == 0}
+        constexprs = {"K": 2, "BLOCK": 1024, "ALIGNED": True}  # buffers' offsets are multiples of 16 elements
+        src = ASTSource(fn=_copy_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        stores[name] = sorted(set(re.findall(r"st\.global[.\w]*", ptx)))
+    return stores
+
+
+def test_peer_copy_stores_16_bytes_at_a_time():
+    """The router's rows go over NVLink in 16-byte stores: the routing columns are padded so rows stay 16-column
+    aligned, and the kernel is told its loaded destination offsets are aligned. With the previous layout (12 routing
+    columns) the same kernel compiles to 2-byte stores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "stores"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stores["dispatch_rows"] == ["st.global.v4.b32"], stores
+    assert stores["rows_of_12_routing_columns"] == ["st.global.b16"], stores
+
+
 if __name__ == "__main__":
     sys.path.insert(0, REPO)
-    print(json.dumps(_run_checks()))
+    print(json.dumps(_copy_kernel_stores() if sys.argv[1:] == ["stores"] else _run_checks()))

@@ -21,16 +21,21 @@ def _is_routed(ids, t, stride_ids, lo, hi, K: tl.constexpr):
 
 @triton.jit
 def _copy_rows_kernel(src, dst, dst_offsets, ids, W, meta, first, per, stride_src, stride_dst, stride_ids,
-                      K: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Program (row t, destination d, column block): destination d is dst + dst_offsets[d] (another allocation,
-    addressed from dst: one launch serves every destination)."""
+    addressed from dst: one launch serves every destination). ALIGNED: the offsets are multiples of 16 elements,
+    which the compiler cannot know of a loaded value; told, and given strides and counts that are multiples of 16
+    too, it emits 16-byte stores instead of 2-byte ones (tests/test_kernels_triton.py checks the PTX)."""
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1)
     lo = first + d * per
     n = tl.where(_is_routed(ids, t, stride_ids, lo, lo + per, K), W, meta)
+    offset = tl.load(dst_offsets + d)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 16)
     cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
-    out = dst + tl.load(dst_offsets + d) + t * stride_dst
+    out = dst + offset + t * stride_dst
     tl.store(out + cols, tl.load(src + t * stride_src + cols, mask=ok), mask=ok)
 
 
@@ -50,17 +55,18 @@ def _sum_answers_kernel(share, answers, ids, out, H, N, stride_share, stride_sha
     tl.store(out + t * stride_out + cols, acc.to(out.dtype.element_ty), mask=ok)
 
 
-_OFFSETS: dict[tuple, torch.Tensor] = {}
+_OFFSETS: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
 
-def _offsets(dsts: list[torch.Tensor]) -> torch.Tensor:
-    """Each destination's start in elements from the first's, on the device: made once per set of buffers (the
-    first call at a size runs eagerly, before any CUDA-graph capture)."""
+def _offsets(dsts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Each destination's start in elements from the first's, on the device, and whether all are multiples of 16:
+    made once per set of buffers (the first call at a size runs eagerly, before any CUDA-graph capture)."""
     key = tuple(d.data_ptr() for d in dsts) + (dsts[0].device, dsts[0].element_size())
     if key not in _OFFSETS:
         gaps = [d.data_ptr() - dsts[0].data_ptr() for d in dsts]
         assert all(g % dsts[0].element_size() == 0 for g in gaps)
-        _OFFSETS[key] = torch.tensor([g // dsts[0].element_size() for g in gaps], device=dsts[0].device)
+        gaps = [g // dsts[0].element_size() for g in gaps]
+        _OFFSETS[key] = torch.tensor(gaps, device=dsts[0].device), all(g % 16 == 0 for g in gaps)
     return _OFFSETS[key]
 
 
@@ -70,10 +76,11 @@ def send_rows_triton(src, dsts: list[torch.Tensor], ids, first: int, per: int, m
         return
     assert src.stride(1) == 1 and ids.stride(1) == 1 and all(d.stride() == dsts[0].stride() for d in dsts)
     assert dsts[0].stride(1) == 1 and all(d.dtype == src.dtype for d in dsts)
+    offsets, aligned = _offsets(dsts)
     BLOCK = 1024
     _copy_rows_kernel[(T, len(dsts), triton.cdiv(W, BLOCK))](
-        src, dsts[0], _offsets(dsts), ids, W, meta, first, per, src.stride(0), dsts[0].stride(0), ids.stride(0),
-        K=ids.shape[1], BLOCK=BLOCK, num_warps=4)
+        src, dsts[0], offsets, ids, W, meta, first, per, src.stride(0), dsts[0].stride(0), ids.stride(0),
+        K=ids.shape[1], BLOCK=BLOCK, ALIGNED=aligned, num_warps=4)
 
 
 def send_answer_triton(y, dst, ids, lo: int, hi: int) -> None:
