@@ -72,11 +72,15 @@ def row_width(hidden: int, dtype: torch.dtype, top_k: int) -> int:
 def pack_rows(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
               ) -> torch.Tensor:
     """[T, H] hidden + [T, K] int64 ids + [T, K] fp32 weights -> [T, meta + H] in h's dtype (into out if given), in
-    one copy: the routing goes in as raw bytes (no casts)."""
-    top_k = ids.shape[1]
-    fp32_slots = meta_columns(h.dtype, top_k) * h.element_size() // 4  # 2 per id, 1 per weight, the rest zeros
-    w = torch.nn.functional.pad(weights.float(), (0, fp32_slots - 3 * top_k))
-    return torch.cat([ids.contiguous().view(h.dtype), w.view(h.dtype), h], dim=-1, out=out)
+    one copy: the routing goes in as raw bytes (no casts). The padding after it repeats the weights where they fit
+    it: no one reads it, and zeros would cost a launch per layer."""
+    routing = [ids.contiguous().view(h.dtype), weights.float().view(h.dtype)]
+    pad = meta_columns(h.dtype, ids.shape[1]) - sum(r.shape[1] for r in routing)
+    if pad % routing[1].shape[1] == 0:  # e.g. top-2 in bf16: 8 id columns, 4 weight columns, 4 padding
+        routing += [routing[1]] * (pad // routing[1].shape[1])
+    else:
+        routing.append(h.new_zeros(h.shape[0], pad))
+    return torch.cat([*routing, h], dim=-1, out=out)
 
 
 def layer_graph_tokens(num_tokens: int) -> int | None:
