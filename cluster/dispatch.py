@@ -58,7 +58,7 @@ class DispatchError(RuntimeError):
 
 def meta_columns(dtype: torch.dtype, top_k: int) -> int:
     """Columns (of the hidden dtype) in front of each row's hidden state: top_k int64 expert ids, then top_k fp32
-    weights, then zeros up to a multiple of 16 columns. The ids read back as int64 in place, and with a hidden size
+    weights, then padding up to a multiple of 16 columns. The ids read back as int64 in place, and with a hidden size
     that is a multiple of 16 every row and its hidden state start 16-column aligned, which the peer-copy kernels
     need for 16-byte accesses."""
     return -(-12 * top_k // (16 * torch.empty((), dtype=dtype).element_size())) * 16
