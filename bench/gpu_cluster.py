@@ -744,22 +744,56 @@ async def _stream_one(session, url, body) -> dict:
     return {"t_send": t_send, "t_end": now(), "times": times, "counts": counts, "usage": usage, "error": error}
 
 
-async def _workload(port: int, model_name: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int,
-                    seed: int) -> dict:
+async def _streams(url: str, bodies: list[dict]) -> dict:
+    """All bodies streamed at once from this process: each stream's result, and this process's span and CPU time."""
     import aiohttp
 
-    rng = random.Random(seed)
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    bodies = [{"model": model_name, "prompt": [rng.randrange(vocab) for _ in range(prompt_len)],
-               "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-               "return_token_ids": True, "stream_options": {"include_usage": True}} for _ in range(concurrency)]
     timeout = aiohttp.ClientTimeout(total=900)
+    cpu = time.process_time()
     # read_bufsize: an SSE event is one line, and the first one echoes the prompt's ids (800 KB at 128K tokens)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
                                      read_bufsize=2**22) as session:
         t0 = now()
         res = await asyncio.gather(*[_stream_one(session, url, b) for b in bodies])
         t1 = now()
+    return {"t0": t0, "t1": t1, "cpu_s": time.process_time() - cpu, "streams": res}
+
+
+def _client_process(url: str, bodies: list[dict], start, results) -> None:
+    """One client process's share of the streams, begun once every client process is ready (start: a barrier)."""
+    start.wait()
+    results.put(asyncio.run(_streams(url, bodies)))
+
+
+def _run_clients(url: str, bodies: list[dict], procs: int) -> list[dict]:
+    """The streams spread round-robin over `procs` processes (their clocks agree: perf_counter is system-wide on
+    Linux), so that one Python process's event parsing does not set the pace; procs 1: in this process."""
+    if procs <= 1:
+        return [asyncio.run(_streams(url, bodies))]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the children run only this module's asyncio client (no CUDA, nothing to import)
+    start, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, args=(url, bodies[i::procs], start, results), daemon=True)
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    parts = [results.get(timeout=900) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    return parts
+
+
+def _workload(port: int, model_name: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int,
+              seed: int, client_procs: int = 1) -> dict:
+    rng = random.Random(seed)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    bodies = [{"model": model_name, "prompt": [rng.randrange(vocab) for _ in range(prompt_len)],
+               "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+               "return_token_ids": True, "stream_options": {"include_usage": True}} for _ in range(concurrency)]
+    parts = _run_clients(url, bodies, min(client_procs, concurrency))
+    t0, t1 = min(p["t0"] for p in parts), max(p["t1"] for p in parts)
+    res = [r for p in parts for r in p["streams"]]
     ok = [r for r in res if not r.get("error") and r.get("times")]
     ttft = [r["times"][0] - r["t_send"] for r in ok]
     itl = []
@@ -774,7 +808,11 @@ async def _workload(port: int, model_name: str, concurrency: int, prompt_len: in
             "output_tokens": out_tokens, "output_tok_s": out_tokens / (t1 - t0),
             "decode_tok_s_after_last_first_token": decode_tokens / max(t1 - last_first, 1e-9),
             "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
-            "e2e_s": percentiles([r["t_end"] - r["t_send"] for r in ok], 1)}
+            "e2e_s": percentiles([r["t_end"] - r["t_send"] for r in ok], 1),
+            # the busiest client process's CPU time over its span: near 1 means the client, not the server, may
+            # have set the pace
+            "client_procs": len(parts), "client_cpu_busy": max(p["cpu_s"] / max(p["t1"] - p["t0"], 1e-9)
+                                                                for p in parts)}
 
 
 def serve_max_model_len(args) -> int:
@@ -877,23 +915,30 @@ def phase_serve(args) -> dict:
         # its first use, which would otherwise land in the measured TTFT
         # (--no-client-warmup: only the server's own start-up warm-up, `m1serve serve --warmup`: what users get)
         if args.client_warmup:
-            w = asyncio.run(_workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4,
-                                      cfg.vocab_size, 1))
+            w = _workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4, cfg.vocab_size, 1)
             result["warmup"] = {k: w[k] for k in ("ok", "errors", "wall_s")}
         result["client_warmup"] = args.client_warmup
         save(args, "serve", result)
         result["warmup_kernel_builds"] = len(kernel_builds(log_path.read_text(errors="replace")))
         workload_start = log_path.stat().st_size
-        main = asyncio.run(_workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens,
-                                     cfg.vocab_size, 2))
+        main = _workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens, cfg.vocab_size, 2)
         result["workload"] = main
         with open(log_path, errors="replace") as f:
             f.seek(workload_start)
             result["workload_kernel_builds"] = kernel_builds(f.read())
         print(f"[serve] {main['ok']}/{args.concurrency} ok, {main['output_tok_s']:.1f} output tok/s, TTFT p50 "
               f"{main['ttft_ms']['p50']} ms, ITL p50 {main['itl_ms']['p50']} ms, kernels built during it "
-              f"{len(result['workload_kernel_builds'])}", flush=True)
+              f"{len(result['workload_kernel_builds'])}, client CPU busy {main['client_cpu_busy']:.0%}", flush=True)
         save(args, "serve", result)
+        # the same workload from several client processes, then from one again: whether the client set the pace
+        result["client_runs"] = []
+        for seed, procs in ((3, args.client_procs), (4, 1)) if args.client_procs > 1 else ():
+            run = _workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens,
+                            cfg.vocab_size, seed, procs)
+            result["client_runs"].append(run)
+            save(args, "serve", result)
+            print(f"[serve] {procs} client processes: {run['ok']}/{args.concurrency} ok, {run['output_tok_s']:.1f} "
+                  f"output tok/s, busiest client process {run['client_cpu_busy']:.0%} CPU", flush=True)
         try:
             import urllib.request
 
@@ -913,7 +958,7 @@ def phase_serve(args) -> dict:
         # one stream at a time, short prompt then the long ones: per-token time against context through the server
         result["single"] = []
         for i, n in enumerate([args.prompt_len] + args.serve_long):
-            one = asyncio.run(_workload(args.http_port, name, 1, n, args.long_tokens, cfg.vocab_size, 10 + i))
+            one = _workload(args.http_port, name, 1, n, args.long_tokens, cfg.vocab_size, 10 + i)
             result["single"].append(one)
             save(args, "serve", result)
             print(f"[serve] one stream, {n}-token prompt: {one['ok']}/1 ok, TTFT {one['ttft_ms']['p50']} ms, "
@@ -1073,6 +1118,19 @@ def report(args, phase_status: dict) -> dict:
                  f"{fmt(t['p99'], 0)} | {fmt(i['mean'])} | {fmt(i['p50'])} / {fmt(i['p90'])} / {fmt(i['p99'])} |")
         if sv.get("errors"):
             L.append(f"\nerrors: {sv['errors']}")
+        runs = [sv] + ((data["serve"] or {}).get("client_runs") or [])
+        if len(runs) > 1:
+            L.append("\nThe same workload (other random prompts) again right after, from several client processes, "
+                     "then from one: `client CPU` = the busiest client process's CPU time over its span (near 100%: "
+                     "the client's own event parsing may set the pace).\n")
+            L.append("| run | client processes | ok | wall s | output tok/s | decode tok/s (after last first token) | "
+                     "TTFT p50 / p90 ms | client CPU |")
+            L.append("|---:|---:|---:|---:|---:|---:|---|---:|")
+            for n, r in enumerate(runs, 1):
+                L.append(f"| {n} | {r.get('client_procs', 1)} | {r['ok']}/{r['concurrency']} | {fmt(r['wall_s'], 2)} | "
+                         f"{fmt(r['output_tok_s'], 1)} | {fmt(r['decode_tok_s_after_last_first_token'], 1)} | "
+                         f"{fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p90'], 0)} | "
+                         f"{fmt(100 * r['client_cpu_busy'], 0) if r.get('client_cpu_busy') is not None else '-'}% |")
         floor = serve_floor(cfg, env, holders, sv["concurrency"], sv["prompt_len"], sv["max_tokens"]) \
             if cfg is not None else None
         if floor:
@@ -1319,6 +1377,11 @@ def report(args, phase_status: dict) -> dict:
         if ratio:
             L.append(f"\nServed workload (Serve section, through HTTP) vs transformers on the same workload in this run: "
                      f"{fmt(ratio['served'], 1)} vs {fmt(ratio['hf'], 1)} output tok/s = **{fmt(ratio['ratio'], 1)}x**.")
+        for r in (data["serve"] or {}).get("client_runs") or []:
+            more = served_vs_hf(r, hf.get("rows") or [])
+            if more and r.get("client_procs", 1) > 1:
+                L.append(f"From {r['client_procs']} client processes: {fmt(more['served'], 1)} vs "
+                         f"{fmt(more['hf'], 1)} output tok/s = **{fmt(more['ratio'], 1)}x**.")
         L.append("")
     elif phase_status.get("hf"):
         L.append(f"## transformers generate\n\nno result ({phase_status['hf']}); see logs.txt\n")
@@ -1365,6 +1428,8 @@ def build_parser():
     p.add_argument("--serve-start-timeout", type=float, default=150)
     p.add_argument("--no-client-warmup", dest="client_warmup", action="store_false",
                    help="serve phase: measure right after the server reports ready (its own warm-up only)")
+    p.add_argument("--client-procs", type=int, default=4,
+                   help="serve phase: also run the workload from this many client processes (then from one again)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--metrics-port", type=int, default=8080)

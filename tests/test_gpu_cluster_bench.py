@@ -170,3 +170,50 @@ def test_served_vs_hf_matches_the_same_workload_only():
     assert g.served_vs_hf(served, rows) == {"served": 7000.0, "hf": 350.0, "ratio": 20.0}
     assert g.served_vs_hf(served, rows[:2]) is None
     assert g.served_vs_hf(served | {"ok": 63}, rows) is None  # a failed stream: no claim
+
+
+def test_workload_from_several_client_processes_sends_every_stream_once():
+    """The serve phase's client spread over processes: every stream is sent once, their tokens and times are merged
+    into one summary, and the busiest client process's CPU share is reported (against a local SSE server that
+    answers each request with `max_tokens` one-token events)."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    g = _bench()
+    prompts = []
+
+    async def completions(request):
+        body = await request.json()
+        prompts.append(tuple(body["prompt"]))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(body["max_tokens"]):
+            await resp.write(b'data: {"choices": [{"text": "x", "token_ids": [%d]}]}\n\n' % i)
+            await asyncio.sleep(0.002)
+        await resp.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % body["max_tokens"])
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        got = g._workload(port, "m", 7, 16, 5, 1000, 0, client_procs=3)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+    assert len(prompts) == 7 and len(set(prompts)) == 7  # each stream sent once, by exactly one process
+    assert got["client_procs"] == 3 and got["ok"] == 7 and got["errors"] == []
+    assert got["output_tokens"] == 35
+    assert got["wall_s"] >= 5 * 0.002 and got["output_tok_s"] == pytest.approx(35 / got["wall_s"])
+    assert got["ttft_ms"]["n"] == 7 and got["itl_ms"]["n"] == 7 * 4
+    assert 0 < got["client_cpu_busy"] < 2
