@@ -17,7 +17,9 @@ writes DIR/<phase>.json, and `report` assembles DIR/gpu-cluster.json + DIR/gpu-c
             prefill and the decode phase, attention split into lightning / softmax layers
   serve     `m1serve serve` (python3 -m cluster.cli serve: Ray Serve, router deployment on one GPU, one expert-shard
             deployment per GPU) + a fixed streaming workload over the OpenAI HTTP API: TTFT / ITL percentiles,
-            output tokens/s, the Triton kernels built during the workload (from the server log)
+            output tokens/s, the Triton kernels built during the workload (from the server log); then the same
+            workload from --client-procs client processes and from one again, with each run's busiest client
+            process's CPU share (whether the client's own event parsing set the pace)
   longctx   the engine in-process at one sequence with 8K / 32K / 128K-token prompts: decode ms/step per part
             (lightning layers' cost per token should stay flat; the softmax layer's grows)
   hf        the baseline: transformers' MiniMaxForCausalLM.generate on the same checkpoint (bf16, layers split over
