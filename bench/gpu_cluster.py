@@ -763,8 +763,11 @@ async def _streams(url: str, bodies: list[dict]) -> dict:
 
 def _client_process(url: str, bodies: list[dict], start, results) -> None:
     """One client process's share of the streams, begun once every client process is ready (start: a barrier)."""
-    start.wait()
-    results.put(asyncio.run(_streams(url, bodies)))
+    try:
+        start.wait(timeout=120)
+        results.put(asyncio.run(_streams(url, bodies)))
+    except BaseException as e:  # reported to the parent, which would otherwise wait for this share
+        results.put({"error": f"client process: {type(e).__name__}: {e}"})
 
 
 def _run_clients(url: str, bodies: list[dict], procs: int) -> list[dict]:
@@ -783,6 +786,9 @@ def _run_clients(url: str, bodies: list[dict], procs: int) -> list[dict]:
     parts = [results.get(timeout=900) for _ in workers]
     for w in workers:
         w.join(timeout=30)
+    failed = [p["error"] for p in parts if "error" in p]
+    if failed:
+        raise RuntimeError("; ".join(failed))
     return parts
 
 
