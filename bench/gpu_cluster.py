@@ -190,6 +190,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                                   row_width)
     from cluster.peer_links import open_peer_links
     from cluster.step_graphs import StepGraphs
+    from kernels.peer_copy.reference import routed
 
     for k, v in NCCL_SAFE.items():
         os.environ.setdefault(k, v)
@@ -228,8 +229,8 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
             ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(T)]).to(dev)
             weights = torch.rand(T, top_k, generator=gen).to(dev)  # fp32, as the router's gate gives them
             h = torch.randn(T, hidden, generator=gen).to(dev, dtype)
-            shard_of = (ids // eps).cpu()
-            routed = [int((shard_of == s).any(-1).sum()) for s in range(N)]  # each shard's routed tokens
+            to_shard = [routed(ids, s * eps, (s + 1) * eps) for s in range(N)]  # [T] bool per shard
+            routed_rows = [int(m.sum()) for m in to_shard]  # each shard's routed tokens
             graphable = T <= 256  # decode sizes: what the engine replays from graphs
             padded = T <= LAYER_GRAPH_MAX_TOKENS  # eager steps replay per-layer graphs (on CPU: their padded path)
 
@@ -266,7 +267,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                     n = max(1, T - 1)
                     disp.begin_step(n)
                     right = True
-                    times = ((ids[:n, :, None] // eps) == torch.arange(N, device=dev)).any(1).sum(-1, True).float()
+                    times = sum(m[:n].float() for m in to_shard)[:, None]
                     for layer in range(layers):
                         x = torch.randn(n, hidden, device=dev).to(dtype)
                         out = disp(layer, x, ids[:n], weights[:n]).float()
@@ -312,7 +313,7 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 return raw_cpu, raw, raw_graph
 
             warm = 3
-            raw_exact = run_raw(routed)  # the fewest bytes any protocol must move: each shard's routed rows
+            raw_exact = run_raw(routed_rows)  # the fewest bytes any protocol must move: each shard's routed rows
             counts = [T] * N  # what ours sends: every token to every shard
             timed = run_ours(warm, steps, layer_graphs=padded)
             if rank == 0:
@@ -345,12 +346,12 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
                 Path(result_path).with_name(f"dispatch_profile_rank{rank}.txt").write_text(table)
                 dist.barrier()
-            raw_cpu, raw, raw_graph = raw_exact if counts == routed else run_raw(counts)
+            raw_cpu, raw, raw_graph = raw_exact if counts == routed_rows else run_raw(counts)
             if rank == 0:
                 elem = torch.empty((), dtype=dtype).element_size()
                 row = {"layers_per_step": layers, "tokens": T, "rows_per_shard": counts,
                        "bytes_per_layer": sum(counts) * (width + hidden) * elem,
-                       "exact_bytes_per_layer": sum(routed) * (width + hidden) * elem,
+                       "exact_bytes_per_layer": sum(routed_rows) * (width + hidden) * elem,
                        "ours_ms": ours * 1e3, "raw_ms": raw * 1e3, "ratio": ours / raw,
                        "raw_exact_ms": raw_exact[1] * 1e3, "ratio_exact": ours / raw_exact[1],
                        "ours_host_ms": ours_cpu * 1e3, "raw_host_ms": raw_cpu * 1e3, "ours_right": ours_right,
