@@ -1136,10 +1136,10 @@ def report(args, phase_status: dict) -> dict:
                      "TTFT p50 / p90 ms | client CPU |")
             L.append("|---:|---:|---:|---:|---:|---:|---|---:|")
             for n, r in enumerate(runs, 1):
-                L.append(f"| {n} | {r.get('client_procs', 1)} | {r['ok']}/{r['concurrency']} | {fmt(r['wall_s'], 2)} | "
+                L.append(f"| {n} | {r['client_procs']} | {r['ok']}/{r['concurrency']} | {fmt(r['wall_s'], 2)} | "
                          f"{fmt(r['output_tok_s'], 1)} | {fmt(r['decode_tok_s_after_last_first_token'], 1)} | "
                          f"{fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p90'], 0)} | "
-                         f"{fmt(100 * r['client_cpu_busy'], 0) if r.get('client_cpu_busy') is not None else '-'}% |")
+                         f"{fmt(100 * r['client_cpu_busy'], 0)}% |")
         floor = serve_floor(cfg, env, holders, sv["concurrency"], sv["prompt_len"], sv["max_tokens"]) \
             if cfg is not None else None
         if floor:
@@ -1388,7 +1388,7 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(ratio['served'], 1)} vs {fmt(ratio['hf'], 1)} output tok/s = **{fmt(ratio['ratio'], 1)}x**.")
         for r in (data["serve"] or {}).get("client_runs") or []:
             more = served_vs_hf(r, hf.get("rows") or [])
-            if more and r.get("client_procs", 1) > 1:
+            if more and r["client_procs"] > 1:
                 L.append(f"From {r['client_procs']} client processes: {fmt(more['served'], 1)} vs "
                          f"{fmt(more['hf'], 1)} output tok/s = **{fmt(more['ratio'], 1)}x**.")
         L.append("")
