@@ -20,6 +20,8 @@ writes DIR/<phase>.json, and `report` assembles DIR/gpu-cluster.json + DIR/gpu-c
             output tokens/s, the Triton kernels built during the workload (from the server log); then the same
             workload from --client-procs client processes and from one again, with each run's busiest client
             process's CPU share (whether the client's own event parsing set the pace)
+  ingress   the serve phase's first workload again, same prompts, through the other ingress (--ingress haproxy:
+            HAProxy straight to the router replica's own HTTP server; proxy: Ray Serve's Python proxy actor)
   longctx   the engine in-process at one sequence with 8K / 32K / 128K-token prompts: decode ms/step per part
             (lightning layers' cost per token should stay flat; the softmax layer's grows)
   hf        the baseline: transformers' MiniMaxForCausalLM.generate on the same checkpoint (bf16, layers split over
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -49,11 +52,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ("env", "ckpt", "dispatch", "engine", "graphs", "serve", "longctx", "hf")
-CAPS = {"env": 60, "ckpt": 180, "dispatch": 120, "engine": 150, "graphs": 150, "serve": 240, "longctx": 150,
-        "hf": 240}
-MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "graphs": 45, "serve": 70, "longctx": 45,
-             "hf": 60}
+PHASES = ("env", "ckpt", "dispatch", "engine", "graphs", "serve", "ingress", "longctx", "hf")
+CAPS = {"env": 60, "ckpt": 180, "dispatch": 120, "engine": 150, "graphs": 150, "serve": 240, "ingress": 180,
+        "longctx": 150, "hf": 240}
+MIN_START = {"env": 10, "ckpt": 20, "dispatch": 20, "engine": 45, "graphs": 45, "serve": 70, "ingress": 70,
+             "longctx": 45, "hf": 60}
 TOKENS_HEAD = (4, 16)  # the first output tokens of the first sequences, recorded by engine and hf to compare
 NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -880,15 +883,15 @@ def served_vs_hf(workload: dict | None, hf_rows: list[dict]) -> dict | None:
     return None
 
 
-def phase_serve(args) -> dict:
-    from model_shards.config import ModelConfig
-
-    cfg = ModelConfig.from_file(args.model)
+@contextlib.contextmanager
+def _server(args, ingress: str, log_name: str, result: dict):
+    """`m1serve serve` on the checkpoint, ready; stopped (SIGTERM, then SIGKILL) on the way out. Records its command,
+    log, start-up time and exit code in result."""
     gpu = args.device == "cuda"
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--expert-shards", str(args.shards),
            "--router-gpus", "1" if gpu else "0", "--gpus-per-shard", "1" if gpu else "0",
            "--max-num-seqs", str(args.concurrency), "--max-model-len", str(serve_max_model_len(args)),
-           "--max-num-batched-tokens", str(args.chunk),
+           "--max-num-batched-tokens", str(args.chunk), "--ingress", ingress,
            "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
            "--grpc-port", str(args.grpc_port), "--collective-timeout-s", "120"]
     if gpu:
@@ -902,11 +905,11 @@ def phase_serve(args) -> dict:
         "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
         "RAY_DEDUP_LOGS": "0"}  # every process's kernel-build lines, not "[repeated 3x across cluster]"
-    log_path = Path(args.work, "m1serve-server.log")
+    log_path = Path(args.work, log_name)
     log = open(log_path, "w")
     t0 = now()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    result = {"command": " ".join(cmd[1:]), "log": str(log_path)}
+    result.update({"command": " ".join(cmd[1:]), "log": str(log_path), "ingress": ingress})
     try:
         deadline = t0 + args.serve_start_timeout
         while now() < deadline:
@@ -918,7 +921,29 @@ def phase_serve(args) -> dict:
         else:
             raise RuntimeError(f"m1serve serve not ready within {args.serve_start_timeout}s")
         result["startup_s"] = now() - t0
-        print(f"[serve] ready in {result['startup_s']:.1f}s", flush=True)
+        print(f"[serve] ready in {result['startup_s']:.1f}s (ingress {ingress})", flush=True)
+        yield log_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        result["exit_code"] = proc.returncode
+        log.close()
+
+
+MAIN_WORKLOAD_SEED = 2
+
+
+def phase_serve(args) -> dict:
+    from model_shards.config import ModelConfig
+
+    cfg = ModelConfig.from_file(args.model)
+    result = {}
+    with _server(args, args.ingress, "m1serve-server.log", result) as log_path:
         name = Path(args.model).name
         # warm-up at the measured shapes: Triton compiles each kernel config (prefill chunk, expert tile bucket) on
         # its first use, which would otherwise land in the measured TTFT
@@ -930,7 +955,8 @@ def phase_serve(args) -> dict:
         save(args, "serve", result)
         result["warmup_kernel_builds"] = len(kernel_builds(log_path.read_text(errors="replace")))
         workload_start = log_path.stat().st_size
-        main = _workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens, cfg.vocab_size, 2)
+        main = _workload(args.http_port, name, args.concurrency, args.prompt_len, args.serve_tokens, cfg.vocab_size,
+                         MAIN_WORKLOAD_SEED)
         result["workload"] = main
         with open(log_path, errors="replace") as f:
             f.seek(workload_start)
@@ -972,16 +998,24 @@ def phase_serve(args) -> dict:
             save(args, "serve", result)
             print(f"[serve] one stream, {n}-token prompt: {one['ok']}/1 ok, TTFT {one['ttft_ms']['p50']} ms, "
                   f"ITL mean {one['itl_ms']['mean']} ms {one['errors']}", flush=True)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        result["exit_code"] = proc.returncode
-        log.close()
+    return result
+
+
+def phase_ingress(args) -> dict:
+    """The serve phase's first workload (same prompts, first after start-up) through the other ingress."""
+    from model_shards.config import ModelConfig
+
+    cfg = ModelConfig.from_file(args.model)
+    other = "proxy" if args.ingress == "haproxy" else "haproxy"
+    result = {}
+    with _server(args, other, "m1serve-server-ingress.log", result):
+        if args.client_warmup:
+            _workload(args.http_port, Path(args.model).name, min(8, args.concurrency), args.prompt_len, 4,
+                      cfg.vocab_size, 1)
+        result["workload"] = w = _workload(args.http_port, Path(args.model).name, args.concurrency, args.prompt_len,
+                                           args.serve_tokens, cfg.vocab_size, MAIN_WORKLOAD_SEED)
+        print(f"[ingress] {other}: {w['ok']}/{args.concurrency} ok, {w['output_tok_s']:.1f} output tok/s, TTFT p50 "
+              f"{w['ttft_ms']['p50']} ms", flush=True)
     return result
 
 
@@ -1111,7 +1145,8 @@ def report(args, phase_status: dict) -> dict:
 
     sv = (data["serve"] or {}).get("workload")
     if sv:
-        L.append("## Serve: `m1serve serve` (Ray Serve, OpenAI HTTP streaming)\n")
+        L.append(f"## Serve: `m1serve serve --ingress {(data['serve'] or {}).get('ingress')}` (Ray Serve, OpenAI HTTP "
+                 f"streaming)\n")
         L.append(f"startup (ray.init + Serve + load + group) {fmt((data['serve'] or {}).get('startup_s'), 1)} s. "
                  f"Workload: {sv['concurrency']} concurrent streams, {sv['prompt_len']}-token prompts (random ids),"
                  f" {sv['max_tokens']} output tokens each (ignore_eos, greedy).\n")
@@ -1140,6 +1175,22 @@ def report(args, phase_status: dict) -> dict:
                          f"{fmt(r['output_tok_s'], 1)} | {fmt(r['decode_tok_s_after_last_first_token'], 1)} | "
                          f"{fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p90'], 0)} | "
                          f"{fmt(100 * r['client_cpu_busy'], 0)}% |")
+        other = (data["ingress"] or {}).get("workload")
+        if other:
+            ingress = (data["serve"] or {}).get("ingress")
+            L.append("\nThe first workload (same prompts, first after start-up) through each ingress: `haproxy` = "
+                     "HAProxy straight to the router replica's own HTTP server, `proxy` = Ray Serve's Python proxy "
+                     "actor in between (each on a server of its own; this table's first row is the one above).\n")
+            L.append("| ingress | ok | output tok/s | decode tok/s (after last first token) | TTFT p50 / p90 / p99 ms | "
+                     "ITL mean ms | vs the other |")
+            L.append("|---|---:|---:|---:|---|---:|---:|")
+            pair = [(ingress, sv, other), (data["ingress"].get("ingress"), other, sv)]
+            for name, r, o in pair:
+                t = r["ttft_ms"]
+                L.append(f"| {name} | {r['ok']}/{r['concurrency']} | {fmt(r['output_tok_s'], 1)} | "
+                         f"{fmt(r['decode_tok_s_after_last_first_token'], 1)} | {fmt(t['p50'], 0)} / "
+                         f"{fmt(t['p90'], 0)} / {fmt(t['p99'], 0)} | {fmt(r['itl_ms']['mean'])} | "
+                         f"{fmt(r['output_tok_s'] / o['output_tok_s'] if o['output_tok_s'] else None)}x |")
         floor = serve_floor(cfg, env, holders, sv["concurrency"], sv["prompt_len"], sv["max_tokens"]) \
             if cfg is not None else None
         if floor:
@@ -1386,6 +1437,11 @@ def report(args, phase_status: dict) -> dict:
         if ratio:
             L.append(f"\nServed workload (Serve section, through HTTP) vs transformers on the same workload in this run: "
                      f"{fmt(ratio['served'], 1)} vs {fmt(ratio['hf'], 1)} output tok/s = **{fmt(ratio['ratio'], 1)}x**.")
+        other = (data["ingress"] or {}).get("workload")
+        more = served_vs_hf(other, hf.get("rows") or [])
+        if more:
+            L.append(f"Through the other ingress ({data['ingress']['ingress']}): {fmt(more['served'], 1)} vs "
+                     f"{fmt(more['hf'], 1)} output tok/s = **{fmt(more['ratio'], 1)}x**.")
         for r in (data["serve"] or {}).get("client_runs") or []:
             more = served_vs_hf(r, hf.get("rows") or [])
             if more and r["client_procs"] > 1:
@@ -1439,6 +1495,8 @@ def build_parser():
                    help="serve phase: measure right after the server reports ready (its own warm-up only)")
     p.add_argument("--client-procs", type=int, default=4,
                    help="serve phase: also run the workload from this many client processes (then from one again)")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="the serve phase's `m1serve serve --ingress` (the ingress phase runs the other)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--metrics-port", type=int, default=8080)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -78,10 +79,38 @@ def cmd_bench_engine(args) -> int:
 GRPC_SERVICER = "cluster.api.m1serve_pb2_grpc.add_M1ServeServicer_to_server"
 
 
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The environment a local Ray instance starts with for the chosen ingress (Ray Serve reads it at import, in
+    every process: controller, replicas, proxies).
+
+    haproxy: Ray Serve's HAProxy ingress. HAProxy (a C load balancer, bundled with Ray) listens on the HTTP and gRPC
+    ports and forwards each connection to the Router replica's own HTTP and gRPC servers. Requests and every
+    streamed token skip the Python proxy actor, a hop that cost 3-7 ms per request on the 2-core CPU machine
+    (about 1 ms through HAProxy). Serve still starts its proxy as HAProxy's fallback (while no replica is up), and
+    HAProxy has stats and metrics listeners: all on free ports, so that two servers on one machine do not collide.
+    A replica that stops is kept open 1 s (Ray's default, 30 s, lets remote load balancers deregister it; here
+    HAProxy is local and m1serve drains its requests before stopping).
+    proxy: Ray Serve's Python proxy actor alone."""
+    if ingress == "proxy":
+        return {}
+    ports = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+             "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            **{name: str(free_port()) for name in ports}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
 
+    if not args.address:  # before Ray Serve's first import in this process, and before Ray starts its processes
+        os.environ.update(ingress_env(args.ingress))
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -100,7 +129,8 @@ def cmd_serve(args) -> int:
                        shard_resources=dict(args.shard_resource),
                        env={**({} if args.address else {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}),
                             **dict(args.replica_env)})
-    print(f"m1serve: model {app_args.model}, {app_args.expert_shards} expert shards", flush=True)
+    print(f"m1serve: model {app_args.model}, {app_args.expert_shards} expert shards"
+          f"{'' if args.address else f', ingress {args.ingress}'}", flush=True)
     if args.address:
         ray.init(address=args.address, log_to_driver=True)
     else:
@@ -211,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="haproxy: HAProxy on the HTTP/gRPC ports, straight to the router replica's own servers; "
+                        "proxy: Ray Serve's Python proxy actor in between. Local Ray instance only (with --address "
+                        "the cluster's environment decides: RAY_SERVE_ENABLE_HA_PROXY)")
     p.add_argument("--shard-resource", type=_key_value(float), action="append", default=[], metavar="NAME=AMOUNT",
                    help="a custom Ray resource each shard replica needs (places shards on the nodes that have it)")
     p.add_argument("--replica-env", type=_key_value(str), action="append", default=[], metavar="KEY=VALUE",
