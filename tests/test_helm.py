@@ -49,8 +49,9 @@ CASES = {
         "--set-json", 'imagePullSecrets=[{"name":"regcred"}]'], [MONITORING]),
     "pvc-created": ([], ["--set", "weights.pvc.create=true,weights.pvc.storageClassName=fast"], []),
     "image-weights-minimal": ([], ["--set", "weights.source=image,serviceAccount.create=false,tests.enabled=false,"
-                                           "rayService.upgradeStrategy=None,service.type=LoadBalancer,model.dtype=,"
-                                           "model.name=,gpu.tolerations=null", "--set-json", "model.cacheMemoryGB=null"],
+                                           "rayService.upgradeStrategy=None,service.type=LoadBalancer,"
+                                           "service.ingress=proxy,model.dtype=,model.name=,gpu.tolerations=null",
+                                   "--set-json", "model.cacheMemoryGB=null"],
                               []),
     "init-weights-gpu": ([], ["--set", "weights.source=init", "--set-json",
                               'weights.init.command=["sh","-c","huggingface-cli download MiniMaxAI/MiniMax-M1-80k '
@@ -316,6 +317,9 @@ def test_pods_requests_security_shm_gpus(rendered, case):
         ports = {p["name"]: p["containerPort"] for p in ray["ports"]}
         assert ports["metrics"] == 8080 == int(g["spec"]["rayStartParams"]["metrics-export-port"])
         assert ports["serve"] == 8000 and ports["grpc"] == 9000
+        # the ingress on those ports: Ray Serve's HAProxy where every Ray process of the pod sees the flag
+        haproxy = {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in (ray.get("env") or [])
+        assert haproxy == (values["service"]["ingress"] == "haproxy"), name
         # the weights
         source = values["weights"]["source"]
         weights = [v for v in spec["volumes"] if v["name"] == "weights"]

@@ -1,5 +1,6 @@
 """`m1serve serve` end to end: Ray Serve router + 2 expert-shard deployments over gloo, reached with the official
-openai client and a gRPC client built from the shipped .proto; then a shard replica is killed mid-stream.
+openai client and a gRPC client built from the shipped .proto; then a shard replica is killed mid-stream. Once
+through each ingress: HAProxy to the router replica's own servers (the default) and Ray Serve's Python proxy actor.
 
 The server runs with `--cuda-graphs on`: on CPU its decode steps take the fixed-size path eagerly (padded batches,
 `graphed` step headers the shard deployments follow with their no-sync experts), checked against the plain engine's
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import time
 
 import grpc
@@ -17,6 +20,7 @@ import httpx
 import pytest
 
 from cluster.api import m1serve_pb2, m1serve_pb2_grpc
+from cluster.cli import ingress_env
 from cluster.engine.engine import Engine, EngineConfig
 from cluster.engine.sampling import SamplingParams
 
@@ -29,10 +33,11 @@ PROMPT = "The quick brown fox"
 N = 12
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def server(request, tiny_model, tmp_path_factory):
     with running_server(tiny_model, tmp_path_factory.mktemp("serve"), "--collective-timeout-s", "10",
-                        "--cuda-graphs", "on") as s:
+                        "--cuda-graphs", "on", "--ingress", request.param) as s:
+        s.ingress = request.param
         yield s
 
 
@@ -45,6 +50,27 @@ def expected(tiny_model):
         chat_prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}])
         chat = engine.generate(chat_prompt, params)
     return plain, chat
+
+
+def test_ingress_env_gives_haproxy_and_its_side_listeners_free_ports():
+    assert ingress_env("proxy") == {}
+    env = ingress_env("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = [int(v) for k, v in env.items() if k.endswith("_PORT")]
+    assert len(ports) == 4 == len(set(ports))
+    for port in ports:  # each one free
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_the_ingress_listening_on_the_servers_ports(server):
+    http_port, grpc_port = server.url.rsplit(":", 1)[1], server.grpc.rsplit(":", 1)[1]
+    log = server.log_path.read_text(errors="replace")
+    haproxy = re.search(r"HAProxy starting on node \S+ \(HTTP port: (\d+), gRPC port: (\d+)\)", log)
+    if server.ingress == "haproxy":
+        assert haproxy and haproxy.groups() == (http_port, grpc_port), log[-3000:]
+    else:
+        assert haproxy is None and "HAProxy" not in log
 
 
 def test_openai_client_completions_chat_and_streams(server, expected):

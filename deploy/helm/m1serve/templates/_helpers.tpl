@@ -183,6 +183,10 @@ app.kubernetes.io/part-of: m1serve
 
 {{/* Environment of every Ray container. */}}
 {{- define "m1serve.rayEnv" -}}
+{{- if eq .Values.service.ingress "haproxy" }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 {{- if .Values.apiKey.existingSecret }}
 - name: M1SERVE_API_KEY
   valueFrom:
