@@ -884,9 +884,9 @@ def served_vs_hf(workload: dict | None, hf_rows: list[dict]) -> dict | None:
 
 
 @contextlib.contextmanager
-def _server(args, ingress: str, log_name: str, result: dict):
-    """`m1serve serve` on the checkpoint, ready; stopped (SIGTERM, then SIGKILL) on the way out. Records its command,
-    log, start-up time and exit code in result."""
+def _server(args, ingress: str, log_name: str, result: dict, extra: tuple[str, ...] = ()):
+    """`m1serve serve` on the checkpoint (extra: more of its flags), ready; stopped (SIGTERM, then SIGKILL) on the way
+    out. Records its command, log, start-up time and exit code in result."""
     gpu = args.device == "cuda"
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--expert-shards", str(args.shards),
            "--router-gpus", "1" if gpu else "0", "--gpus-per-shard", "1" if gpu else "0",
@@ -900,6 +900,7 @@ def _server(args, ingress: str, log_name: str, result: dict):
         cmd += ["--cuda-graphs", args.serve_cuda_graphs]
     if args.router_experts:
         cmd += ["--router-experts"]
+    cmd += extra
     env = dict(os.environ) | NCCL_SAFE | {"PYTHONPATH": os.pathsep.join(
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]),
         "RAY_AUTH_MODE": "disabled", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
