@@ -85,8 +85,8 @@ def ingress_env(ingress: str) -> dict[str, str]:
 
     haproxy: Ray Serve's HAProxy ingress. HAProxy (a C load balancer, bundled with Ray) listens on the HTTP and gRPC
     ports and forwards each connection to the Router replica's own HTTP and gRPC servers. Requests and every
-    streamed token skip the Python proxy actor, a hop that cost 3-7 ms per request on the 2-core CPU machine
-    (about 1 ms through HAProxy). Serve still starts its proxy as HAProxy's fallback (while no replica is up), and
+    streamed token skip the Python proxy actor, a hop that cost 4-8 ms per request on the 2-core CPU machine
+    (1-1.5 ms through HAProxy: bench/ingress.py), and that lost some gRPC cancels. Serve still starts its proxy as HAProxy's fallback (while no replica is up), and
     HAProxy has stats and metrics listeners: all on free ports, so that two servers on one machine do not collide.
     A replica that stops is kept open 1 s (Ray's default, 30 s, lets remote load balancers deregister it; here
     HAProxy is local and m1serve drains its requests before stopping).
