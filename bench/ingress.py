@@ -89,7 +89,8 @@ def main() -> int:
     own = p.parse_args()
     Path(own.work).mkdir(parents=True, exist_ok=True)
     Path(own.out).mkdir(parents=True, exist_ok=True)
-    from cluster.cli import default_model_dir, free_port
+    from cluster.cli import default_model_dir
+    from cluster.ingress import free_port
 
     # the tiny demo checkpoint, one sequence slot (--concurrency 1), room for the cancelled streams' 2000 tokens
     args = build_parser().parse_args([

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from cluster.api import m1serve_pb2, m1serve_pb2_grpc
-from cluster.cli import end_orphaned_haproxy, ingress_env
+from cluster.ingress import end_orphaned_haproxy, ingress_env
 from cluster.engine.engine import Engine, EngineConfig
 from cluster.engine.sampling import SamplingParams
 
