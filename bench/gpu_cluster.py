@@ -380,17 +380,10 @@ def _dispatch_rank(rank, world, port, device, sizes, layer_counts, hidden, exper
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def phase_dispatch(args) -> dict:
     import torch.multiprocessing as mp
 
+    from cluster.ingress import free_port
     from model_shards.config import ModelConfig
 
     if Path(args.model, "config.json").exists():
@@ -403,7 +396,7 @@ def phase_dispatch(args) -> dict:
     # the checkpoint's MoE layers per step, and MiniMax-M1's 80 (the step header is paid once per step)
     layer_counts = sorted({cfg.num_hidden_layers, *args.dispatch_layers})
     result = Path(args.work, "dispatch_rows.tmp.json")
-    mp.spawn(_dispatch_rank, args=(world, _free_port(), args.device, sizes, layer_counts, cfg.hidden_size,
+    mp.spawn(_dispatch_rank, args=(world, free_port(), args.device, sizes, layer_counts, cfg.hidden_size,
                                    cfg.num_local_experts, cfg.num_experts_per_tok, str(result), args.dispatch_profile),
              nprocs=world)
     rows = json.loads(result.read_text())
@@ -1008,12 +1001,11 @@ def phase_ingress(args) -> dict:
 
     cfg = ModelConfig.from_file(args.model)
     other = "proxy" if args.ingress == "haproxy" else "haproxy"
-    result = {}
+    name, result = Path(args.model).name, {}
     with _server(args, other, "m1serve-server-ingress.log", result):
         if args.client_warmup:
-            _workload(args.http_port, Path(args.model).name, min(8, args.concurrency), args.prompt_len, 4,
-                      cfg.vocab_size, 1)
-        result["workload"] = w = _workload(args.http_port, Path(args.model).name, args.concurrency, args.prompt_len,
+            _workload(args.http_port, name, min(8, args.concurrency), args.prompt_len, 4, cfg.vocab_size, 1)
+        result["workload"] = w = _workload(args.http_port, name, args.concurrency, args.prompt_len,
                                            args.serve_tokens, cfg.vocab_size, MAIN_WORKLOAD_SEED)
         print(f"[ingress] {other}: {w['ok']}/{args.concurrency} ok, {w['output_tok_s']:.1f} output tok/s, TTFT p50 "
               f"{w['ttft_ms']['p50']} ms", flush=True)
@@ -1145,6 +1137,7 @@ def report(args, phase_status: dict) -> dict:
     L.append("- phases: " + ", ".join(f"{k} {v}" for k, v in phase_status.items()) + "\n")
 
     sv = (data["serve"] or {}).get("workload")
+    other = (data["ingress"] or {}).get("workload")  # the same workload through the other ingress
     if sv:
         L.append(f"## Serve: `m1serve serve --ingress {(data['serve'] or {}).get('ingress')}` (Ray Serve, OpenAI HTTP "
                  f"streaming)\n")
@@ -1176,7 +1169,6 @@ def report(args, phase_status: dict) -> dict:
                          f"{fmt(r['output_tok_s'], 1)} | {fmt(r['decode_tok_s_after_last_first_token'], 1)} | "
                          f"{fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p90'], 0)} | "
                          f"{fmt(100 * r['client_cpu_busy'], 0)}% |")
-        other = (data["ingress"] or {}).get("workload")
         if other:
             ingress = (data["serve"] or {}).get("ingress")
             L.append("\nThe first workload (same prompts, first after start-up) through each ingress: `haproxy` = "
@@ -1438,7 +1430,6 @@ def report(args, phase_status: dict) -> dict:
         if ratio:
             L.append(f"\nServed workload (Serve section, through HTTP) vs transformers on the same workload in this run: "
                      f"{fmt(ratio['served'], 1)} vs {fmt(ratio['hf'], 1)} output tok/s = **{fmt(ratio['ratio'], 1)}x**.")
-        other = (data["ingress"] or {}).get("workload")
         more = served_vs_hf(other, hf.get("rows") or [])
         if more:
             L.append(f"Through the other ingress ({data['ingress']['ingress']}): {fmt(more['served'], 1)} vs "
