@@ -36,10 +36,12 @@ class Server:
         self.url, self.grpc, self.metrics_url = f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", \
             f"http://127.0.0.1:{metrics}/metrics"
 
-    def metric(self, name: str) -> float:
-        """Sum of a metric over its label sets, from Ray's metrics export (NaN if absent)."""
+    def metric(self, name: str, label: str = "") -> float:
+        """Sum of a metric over its label sets (those containing `label`, e.g. 'finish_reason="abort"'), from Ray's
+        metrics export (NaN if absent)."""
         text = httpx.get(self.metrics_url, timeout=10).text
-        values = [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        values = [float(m.group(2)) for m in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.M)
+                  if label in (m.group(1) or "")]
         return sum(values) if values else float("nan")
 
     def log_tail(self, n: int = 4000) -> str:
