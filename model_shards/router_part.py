@@ -27,6 +27,11 @@ def rms_norm(x, weight, eps):
     return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
 
+def scaled_residual(h, alpha: float, y, beta: float):
+    """alpha * h + beta * y; one kernel when beta is 1 (every beta in MiniMax-M1's config), not three."""
+    return torch.add(y, h, alpha=alpha) if beta == 1 else alpha * h + beta * y
+
+
 def apply_partial_rope(x, cos, sin):
     """neox-style rotation of the first rotary_dim dims of each head; x [T, heads, D], cos/sin [T, rotary_dim]."""
     rd = cos.shape[-1]
@@ -52,7 +57,7 @@ class LightningAttention(nn.Module):
         # silu on the whole projection, then a head-interleaved split: each head's row is [q | k | v]
         qkv = F.silu(x @ self.qkv.T).view(T, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)
-        o = lightning_attention(q.contiguous(), k.contiguous(), v.contiguous(), self.slopes,
+        o = lightning_attention(q, k, v, self.slopes,
                                 cache.state_pool(self.layer), batch.seq_lens, batch.slot_ids, self.cfg.block_size)
         y = rms_norm(o.reshape(T, H * D), self.norm, self.cfg.lightning_norm_eps)
         y = torch.sigmoid(x @ self.gate.T) * y
@@ -123,12 +128,13 @@ class RouterPart(nn.Module):
             alpha, beta = cfg.attn_alpha_beta(layer)
             with timer("attention"):
                 h = rms_norm(x, self.input_norms[layer], cfg.rms_norm_eps)
-                x = alpha * h + beta * self.attn[layer](h, batch, cache)  # postnorm: the residual is the normed input
+                # postnorm: the residual is the normed input
+                x = scaled_residual(h, alpha, self.attn[layer](h, batch, cache), beta)
             with timer("gate"):
                 h = rms_norm(x, self.post_norms[layer], cfg.rms_norm_eps)
                 ids, weights = self.route(layer, h)
             with timer("moe"):
-                x = cfg.mlp_alpha * h + cfg.mlp_beta * moe(layer, h, ids, weights)
+                x = scaled_residual(h, cfg.mlp_alpha, moe(layer, h, ids, weights), cfg.mlp_beta)
         with timer("lm_head"):
             if not all_logits:
                 x = x[batch.last_token_rows]
