@@ -577,18 +577,9 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def prefill_kernels(engine, args) -> dict:
-    """The router GPU's kernels while the engine prefills `--concurrency` prompts (one output token each), from
-    torch.profiler (CUPTI sees every thread's launches): wall time, time any kernel ran, time a compute (non-NCCL)
-    kernel ran, and the kernels that took the most. Wall minus compute-busy is where the router's GPU waited: on the
-    host, or on the shards through NCCL. The shards are other processes, not in it."""
+def _kernel_summary(prof, wall_s: float) -> dict:
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = now()
-        row = run_level(engine, args.concurrency, args.prompt_len, 1)
-        wall = now() - t0
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     compute = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
@@ -597,10 +588,47 @@ def prefill_kernels(engine, args) -> dict:
         by_name[e.name][0] += (e.time_range.end - e.time_range.start) / 1e3
         by_name[e.name][1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
-    return {"concurrency": args.concurrency, "prompt_len": args.prompt_len, "wall_ms": wall * 1e3,
-            "prefill_steps": row["prefill_steps"], "busy_ms": _union_ms(spans), "compute_busy_ms": _union_ms(compute),
+    return {"wall_ms": wall_s * 1e3, "busy_ms": _union_ms(spans), "compute_busy_ms": _union_ms(compute),
             "kernel_ms_sum": sum(v[0] for v in by_name.values()),
             "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
+
+
+def _profiled_level(engine, args, name: str, concurrency: int, prompt_len: int, max_tokens: int):
+    """run_level under torch.profiler (GPU kernels; with --trace also the host, and a gzipped chrome trace of the
+    router process in --out, `trace-<name>.json.gz`). Returns (the level's row, the kernel summary)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+    with profile(activities=activities) as prof:
+        t0 = now()
+        row = run_level(engine, concurrency, prompt_len, max_tokens)
+        wall = now() - t0
+    if args.trace:
+        import gzip
+
+        raw = Path(args.work, f"trace-{name}.json")
+        prof.export_chrome_trace(str(raw))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(raw, "rb") as src, gzip.open(Path(args.out, f"trace-{name}.json.gz"), "wb") as dst:
+            dst.write(src.read())
+        raw.unlink()
+    return row, _kernel_summary(prof, wall)
+
+
+def prefill_kernels(engine, args) -> dict:
+    """The router GPU's kernels while the engine prefills `--concurrency` prompts (one output token each), from
+    torch.profiler (CUPTI sees every thread's launches): wall time, time any kernel ran, time a compute (non-NCCL)
+    kernel ran, and the kernels that took the most. Wall minus compute-busy is where the router's GPU waited: on the
+    host, or on the shards through NCCL. The shards are other processes, not in it. With --trace, then the same for
+    a short decode at that concurrency (its summary under `decode`)."""
+    row, summary = _profiled_level(engine, args, "prefill", args.concurrency, args.prompt_len, 1)
+    result = {"concurrency": args.concurrency, "prompt_len": args.prompt_len, "prefill_steps": row["prefill_steps"],
+              **summary}
+    if args.trace:
+        row, summary = _profiled_level(engine, args, "decode", args.concurrency, args.prompt_len, 32)
+        result["decode"] = {"decode_steps": row["decode_steps"],
+                            "decode_ms_per_step_wall": row["decode_ms_per_step_wall"], **summary}
+    return result
 
 
 def phase_longctx(args) -> dict:
@@ -1311,6 +1339,17 @@ def report(args, phase_status: dict) -> dict:
         for k in pk["top"]:
             L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
         L.append("")
+        dk = pk.get("decode")
+        if dk:
+            L.append(f"Then a decode at that concurrency under torch.profiler with host activity (--trace: "
+                     f"`trace-prefill.json.gz`, `trace-decode.json.gz` in the results folder): "
+                     f"{dk['decode_steps']} decode steps at {fmt(dk['decode_ms_per_step_wall'])} ms/step wall; the "
+                     f"whole level {fmt(dk['wall_ms'], 1)} ms, a kernel running {fmt(dk['busy_ms'], 1)} ms.\n")
+            L.append("| kernel (decode level) | ms | launches |")
+            L.append("|---|---:|---:|")
+            for k in dk["top"]:
+                L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
+            L.append("")
     lc = data["longctx"]
     if lc and lc.get("rows"):
         L.append("## Long context (engine in-process, one sequence)\n")
@@ -1479,6 +1518,9 @@ def build_parser():
                    help="LAYERSxTOKENS: also profile that dispatch case on every rank (tables in --work)")
     p.add_argument("--serve-cuda-graphs", choices=["on", "off"], default=None,
                    help="the server's --cuda-graphs (default: the CLI's default)")
+    p.add_argument("--trace", action="store_true",
+                   help="graphs phase: also export chrome traces (host and GPU) of the router process's prefill and "
+                        "decode into --out")
     p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")
