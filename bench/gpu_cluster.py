@@ -149,7 +149,39 @@ def phase_env(args) -> dict:
     ev[1].record()
     sync(dev)
     info["gemm_TFLOPs"] = 2 * 8192**3 * 10 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
+    info["lm_head"] = lm_head_check(args, dev, info["copy_TBps"])
     return info
+
+
+def lm_head_check(args, dev, copy_TBps: float, batch: int = 64, hidden: int = 6144) -> dict:
+    """The fp32 LM head at the checkpoint's vocabulary, batch `batch`, side by side on one GPU: the fp32 GEMM on fp32
+    weights (what the router ran before) vs router_part.fp32_logits on the bf16 weights (x in three bf16 pieces, one
+    tensor-core GEMM with fp32 output), each timed over 50 back-to-back calls; and each one's error vs fp64."""
+    import torch
+
+    from model_shards.router_part import fp32_logits
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, hidden, device=dev, generator=g)
+    w16 = (torch.randn(args.vocab, hidden, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+    w32 = w16.float()
+    exact = x.double() @ w32.double().T
+    out = {"batch": batch, "vocab": args.vocab, "hidden": hidden}
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    for name, fn in (("fp32", lambda: x @ w32.T), ("split_bf16", lambda: fp32_logits(x, w16))):
+        y = fn()
+        out[f"{name}_rel_err"] = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+        out[f"{name}_same_argmax"] = bool(torch.equal(y.argmax(-1), exact.argmax(-1)))
+        for _ in range(3):
+            fn()
+        ev[0].record()
+        for _ in range(50):  # 805 MB of fp32 weights: far above L2, no flush needed
+            fn()
+        ev[1].record()
+        sync(dev)
+        out[f"{name}_ms"] = ev[0].elapsed_time(ev[1]) / 50
+    out["floor_ms"] = args.vocab * hidden * 2 / (copy_TBps * 1e9)  # the bf16 weights read once
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1159,6 +1191,14 @@ def report(args, phase_status: dict) -> dict:
                  f"{ck['GB_per_s']:.2f} GB/s")
     L.append(f"- roofline inputs measured on GPU 0 in the same run: copy {fmt(env.get('copy_TBps'))} TB/s "
              f"(read+write), bf16 8192^3 GEMM {fmt(env.get('gemm_TFLOPs'), 0)} TFLOP/s")
+    lm = env.get("lm_head")
+    if lm:
+        L.append(f"- fp32 LM head on GPU 0, batch {lm['batch']} x hidden {lm['hidden']} x vocab {lm['vocab']}: fp32 "
+                 f"GEMM on fp32 weights {fmt(lm['fp32_ms'], 3)} ms vs `fp32_logits` on the bf16 weights (three bf16 "
+                 f"pieces of x, one tensor-core GEMM, fp32 out) {fmt(lm['split_bf16_ms'], 3)} ms = "
+                 f"**{fmt(lm['fp32_ms'] / lm['split_bf16_ms'])}x** (floor {fmt(lm['floor_ms'], 3)} ms); max error "
+                 f"vs fp64 {lm['fp32_rel_err']:.1e} vs {lm['split_bf16_rel_err']:.1e}, same argmax: "
+                 f"{lm['fp32_same_argmax']} / {lm['split_bf16_same_argmax']}")
     L.append(f"- topology: router = GPU rank 0 of the group, {args.shards} expert shards (one GPU each)"
              + (f"; the router holds a share of the experts too (--router-experts: {holders} equal shares)"
                 if args.router_experts else ""))

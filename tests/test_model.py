@@ -223,6 +223,26 @@ def test_bf16_close_to_fp32_oracle(tiny_ckpt):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
 
 
+def test_fp32_logits_from_bf16_weights_are_fp32_exact():
+    """The LM head's bf16-weight path (tensor cores on GPU): x split into three bf16 pieces that sum to x exactly,
+    and logits as close to the fp64 product as an fp32 GEMM's, where x in bf16 alone is far off."""
+    from model_shards.router_part import fp32_logits, split_bf16
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 512, generator=g) * torch.logspace(-4, 4, 512)
+    pieces = split_bf16(x)
+    assert pieces.dtype == torch.bfloat16 and pieces.shape == (3, 16, 512)
+    assert torch.equal(pieces.double().sum(0), x.double())
+    w = torch.randn(300, 512, generator=g).to(torch.bfloat16)
+    exact = x.double() @ w.double().T
+    ours = fp32_logits(x, w)
+    assert ours.dtype == torch.float32 and ours.shape == (16, 300)
+    fp32_err = rel_err(x @ w.float().T, exact)
+    assert rel_err(ours, exact) < max(4 * fp32_err, 1e-6)
+    assert rel_err(pieces[0].float() @ w.float().T, exact) > 100 * rel_err(ours, exact)
+    assert torch.equal(fp32_logits(x, w.float()), x @ w.float().T)  # fp32 weights: the plain fp32 GEMM
+
+
 # ---- make-tiny output in transformers -----------------------------------------------------------------------------
 DERIVED = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 
