@@ -53,7 +53,7 @@ def fp32_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.mm(pieces, w.T, out_dtype=torch.float32)
     else:  # no bf16 GEMM with fp32 output on CPU: the same products and sums in fp32
         out = pieces.float() @ w.float().T
-    return out.view(3, x.shape[0], -1).sum(0)
+    return out.view(3, x.shape[0], w.shape[0]).sum(0)  # (a step can sample no row: x has 0 rows)
 
 
 def apply_partial_rope(x, cos, sin):

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import MODEL_CASES, Runner, random_ids, rel_err
+from conftest import KV_BLOCK, MODEL_CASES, Runner, random_ids, rel_err
+from model_shards.batch import ForwardBatch, SeqChunk
 from model_shards.expert_part import expert_range, router_expert_range, shard_expert_range
 from model_shards.loading import load_expert_part, load_router_part
 
@@ -241,6 +242,25 @@ def test_fp32_logits_from_bf16_weights_are_fp32_exact():
     assert rel_err(ours, exact) < max(4 * fp32_err, 1e-6)
     assert rel_err(pieces[0].float() @ w.float().T, exact) > 100 * rel_err(ours, exact)
     assert torch.equal(fp32_logits(x, w.float()), x @ w.float().T)  # fp32 weights: the plain fp32 GEMM
+    assert fp32_logits(x[:0], w).shape == (0, 300)  # a prefill step that samples no sequence
+
+
+def test_bf16_lm_head_router_same_logits(tiny_ckpt):
+    """The router with its LM head in bf16 (as on GPU) gives the fp32 head's logits, also for a step whose chunk
+    samples nothing (no last-token rows)."""
+    router = load_router_part(tiny_ckpt.path, dtype=torch.float32)
+    assert torch.equal(router.lm_head.to(torch.bfloat16).float(), router.lm_head)  # the checkpoint's head is bf16
+    fast = load_router_part(tiny_ckpt.path, dtype=torch.float32)
+    fast.lm_head = fast.lm_head.to(torch.bfloat16)
+    ids = random_ids(300, tiny_ckpt.cfg.vocab_size, seed=29)
+    experts = [load_expert_part(tiny_ckpt.path, dtype=torch.float32)]
+    ref, ours = Runner(router, experts).prefill(ids), Runner(fast, experts).prefill(ids)
+    assert rel_err(ours, ref) < 1e-6
+    r = Runner(fast, experts)
+    seq = r.new_seq(slot=0, max_len=64)
+    batch = ForwardBatch.build([SeqChunk(ids[:64], 0, seq.slot, seq.blocks)], KV_BLOCK, "cpu")
+    batch.last_token_rows = batch.last_token_rows[:0]
+    assert fast(batch, r.cache, r.moe).shape == (0, tiny_ckpt.cfg.vocab_size)
 
 
 # ---- make-tiny output in transformers -----------------------------------------------------------------------------
