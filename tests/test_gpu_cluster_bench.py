@@ -217,3 +217,28 @@ def test_workload_from_several_client_processes_sends_every_stream_once():
     assert got["wall_s"] >= 5 * 0.002 and got["output_tok_s"] == pytest.approx(35 / got["wall_s"])
     assert got["ttft_ms"]["n"] == 7 and got["itl_ms"]["n"] == 7 * 4
     assert 0 < got["client_cpu_busy"] < 2
+
+
+def test_report_renders_a_gpu_runs_phases_again(tmp_path):
+    """A checked-in GPU run's phase results, re-rendered: the same markdown, with the LM-head comparison (env phase)
+    and the profiled decode level (graphs phase, --trace) that only a GPU run produces."""
+    g = _bench()
+    run = json.loads((ROOT / "bench" / "results" / "gpu-cluster-h200x4-2026-11-28-lm-head-first-run.json").read_text())
+    work = tmp_path / "w"
+    work.mkdir()
+    (tmp_path / "out").mkdir()
+    for name in g.PHASES:
+        if run[name] is not None:
+            (work / f"{name}.json").write_text(json.dumps(run[name]))
+    argv = run["markdown"].split("`python3 bench/gpu_cluster.py ", 1)[1].split("`", 1)[0].split()
+    args = g.build_parser().parse_args(argv + ["--work", str(work), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no")])
+    args.argv = argv
+    md = g.report(args, run["phases"])["markdown"]
+    lm = run["env"]["lm_head"]
+    assert f"= **{lm['fp32_ms'] / lm['split_bf16_ms']:.2f}x** (floor" in md
+    assert "same argmax: True / True" in md
+    decode = run["graphs"]["prefill_kernels"]["decode"]
+    assert f"{decode['decode_steps']} decode steps at {decode['decode_ms_per_step_wall']:.2f} ms/step wall" in md
+    assert "| kernel (decode level) | ms | launches |" in md
+    served = run["serve"]["workload"]["output_tok_s"]
+    assert f"{served:.1f}" in md
