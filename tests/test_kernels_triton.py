@@ -125,6 +125,25 @@ def _run_checks() -> dict:
     res["decode_pad_zero"] = bool((out[1] == 0).all())
     res["decode_other_slots_untouched"] = bool(torch.equal(pool[[1, 3, 4, 6]], pool0[[1, 3, 4, 6]]))
 
+    # q/k/v as views into one [T, H, 3D] projection (the router's lightning layer splits it so, no copies): the
+    # same outputs and states as from contiguous copies, in prefill (long sequences cut into segments too) and decode
+    lens = [3, 70, 130]
+    q, k, v = act(sum(lens), H, 3 * D).split(D, dim=-1)
+    pool0 = torch.randn(4, H, D, D) * 0.5
+    slots = torch.tensor([1, 3, 0])
+    same = []
+    for cfg in ({"segment": 0}, {"segment": 64}):
+        pools = [pool0.clone(), pool0.clone()]
+        a = lightning_prefill_varlen(q, k, v, slopes, pools[0], lens, slots, **cfg)
+        b = lightning_prefill_varlen(q.contiguous(), k.contiguous(), v.contiguous(), slopes, pools[1], lens, slots,
+                                     **cfg)
+        same.append(torch.equal(a, b) and torch.equal(*pools))
+    pools = [pool0.clone(), pool0.clone()]
+    a = lightning_decode_pool(q[:3], k[:3], v[:3], slopes, pools[0], slots)
+    b = lightning_decode_pool(q[:3].contiguous(), k[:3].contiguous(), v[:3].contiguous(), slopes, pools[1], slots)
+    res["strided_qkv_same"] = all(same) and torch.equal(a, b) and torch.equal(*pools)
+    res["strided_qkv_is_strided"] = q.stride(0) == 3 * H * D and not q.is_contiguous()
+
     try:  # a misspelt tuning key is an error, not a silently ignored option
         x = act(4, H, D)
         lightning_prefill_varlen(x, x, x, slopes, torch.zeros(1, H, D, D), [4], torch.tensor([0]), block_vv=16)
@@ -287,6 +306,11 @@ def test_prefill_varlen(results):
     assert results["prefill_state_err"] < TOL
     assert results["prefill_other_slots_untouched"]
     assert results["prefill_vs_blockwise_ref"] < TOL
+
+
+def test_prefill_and_decode_take_qkv_views_of_one_projection(results):
+    assert results["strided_qkv_is_strided"]
+    assert results["strided_qkv_same"]
 
 
 def test_prefill_rejects_unknown_config(results):
