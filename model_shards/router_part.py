@@ -81,8 +81,8 @@ class LightningAttention(nn.Module):
         # silu on the whole projection, then a head-interleaved split: each head's row is [q | k | v]
         qkv = F.silu(x @ self.qkv.T).view(T, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)
-        o = lightning_attention(q, k, v, self.slopes,
-                                cache.state_pool(self.layer), batch.seq_lens, batch.slot_ids, self.cfg.block_size)
+        o = lightning_attention(q, k, v, self.slopes, cache.state_pool(self.layer), batch.seq_lens, batch.slot_ids,
+                                self.cfg.block_size)
         y = rms_norm(o.reshape(T, H * D), self.norm, self.cfg.lightning_norm_eps)
         y = torch.sigmoid(x @ self.gate.T) * y
         return y @ self.out.T
