@@ -625,13 +625,44 @@ def _kernel_summary(prof, wall_s: float) -> dict:
             "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
 
 
+@contextlib.contextmanager
+def _host_timers(engine, into: dict):
+    """Times the engine thread's host work that no GPU trace shows (the profiler records the CPU ops of the calling
+    thread only): scheduling, building a step's batch, and processing each sampled token. Seconds and calls into
+    `into`; the originals are back afterwards."""
+    from model_shards.batch import ForwardBatch
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t0 = now()
+            try:
+                return fn(*a, **k)
+            finally:
+                into[key] = into.get(key, 0.0) + now() - t0
+                into[key + "_calls"] = into.get(key + "_calls", 0) + 1
+        return wrapper
+
+    build = ForwardBatch.__dict__["build"]
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
+    engine._append = timed(engine._append, "token_processing")
+    ForwardBatch.build = classmethod(timed(build.__func__, "batch_build"))
+    try:
+        yield
+    finally:
+        del engine.scheduler.schedule, engine._append
+        ForwardBatch.build = build
+
+
 def _profiled_level(engine, args, name: str, concurrency: int, prompt_len: int, max_tokens: int):
-    """run_level under torch.profiler (GPU kernels; with --trace also the host, and a gzipped chrome trace of the
-    router process in --out, `trace-<name>.json.gz`). Returns (the level's row, the kernel summary)."""
+    """run_level under torch.profiler (GPU kernels; with --trace also the host: a gzipped chrome trace of the router
+    process in --out, `trace-<name>.json.gz`, and the engine thread's host timers, `host_ms`). Returns (the level's
+    row, the kernel summary)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
-    with profile(activities=activities) as prof:
+    host: dict = {}
+    with profile(activities=activities) as prof, (_host_timers(engine, host) if args.trace
+                                                  else contextlib.nullcontext()):
         t0 = now()
         row = run_level(engine, concurrency, prompt_len, max_tokens)
         wall = now() - t0
@@ -644,7 +675,10 @@ def _profiled_level(engine, args, name: str, concurrency: int, prompt_len: int, 
         with open(raw, "rb") as src, gzip.open(Path(args.out, f"trace-{name}.json.gz"), "wb") as dst:
             dst.write(src.read())
         raw.unlink()
-    return row, _kernel_summary(prof, wall)
+    summary = _kernel_summary(prof, wall)
+    if host:
+        summary["host_ms"] = {k: v * 1e3 if not k.endswith("_calls") else v for k, v in host.items()}
+    return row, summary
 
 
 def prefill_kernels(engine, args) -> dict:
@@ -1155,6 +1189,13 @@ def fmt(v, nd=2):
     return str(v)
 
 
+def _host_line(host: dict) -> str:
+    parts = [f"{name} {fmt(host[key], 1)} ms in {host[key + '_calls']} calls"
+             for key, name in (("schedule", "scheduling"), ("batch_build", "building the batch"),
+                               ("token_processing", "processing the sampled tokens")) if key in host]
+    return "The engine thread's host work meanwhile (`host_ms`, not in the GPU trace): " + "; ".join(parts) + ".\n"
+
+
 def report(args, phase_status: dict) -> dict:
     data = {"phases": phase_status}
     for name in PHASES:
@@ -1379,6 +1420,8 @@ def report(args, phase_status: dict) -> dict:
         for k in pk["top"]:
             L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
         L.append("")
+        if pk.get("host_ms"):
+            L.append(_host_line(pk["host_ms"]))
         dk = pk.get("decode")
         if dk:
             L.append(f"Then a decode at that concurrency under torch.profiler with host activity (--trace: "
@@ -1390,6 +1433,8 @@ def report(args, phase_status: dict) -> dict:
             for k in dk["top"]:
                 L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
             L.append("")
+            if dk.get("host_ms"):
+                L.append(_host_line(dk["host_ms"]))
     lc = data["longctx"]
     if lc and lc.get("rows"):
         L.append("## Long context (engine in-process, one sequence)\n")
@@ -1560,7 +1605,7 @@ def build_parser():
                    help="the server's --cuda-graphs (default: the CLI's default)")
     p.add_argument("--trace", action="store_true",
                    help="graphs phase: also export chrome traces (host and GPU) of the router process's prefill and "
-                        "decode into --out")
+                        "decode into --out, and time the engine thread's host work in them")
     p.add_argument("--hf-max-tokens", type=int, default=64, help="output tokens per sequence in the hf phase")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--deadline-s", type=float, default=560, help="whole run; phases get what is left")

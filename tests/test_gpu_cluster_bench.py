@@ -242,3 +242,24 @@ def test_report_renders_a_gpu_runs_phases_again(tmp_path):
     assert "| kernel (decode level) | ms | launches |" in md
     served = run["serve"]["workload"]["output_tok_s"]
     assert f"{served:.1f}" in md
+
+
+def test_host_timers_count_the_engine_threads_host_work_and_undo_themselves(tiny_ckpt):
+    from cluster.engine.engine import Engine, EngineConfig
+    from model_shards.batch import ForwardBatch
+
+    g = _bench()
+    build = ForwardBatch.__dict__["build"]
+    host: dict = {}
+    with Engine(EngineConfig(model=str(tiny_ckpt.path), max_num_seqs=4, max_model_len=64, warmup=False)) as engine:
+        with g._host_timers(engine, host):
+            row = g.run_level(engine, 3, 16, 4)
+        assert "schedule" not in vars(engine.scheduler) and "_append" not in vars(engine)
+        assert ForwardBatch.__dict__["build"] is build
+        steps = row["prefill_steps"] + row["decode_steps"]
+        assert host["token_processing_calls"] == 3 * 4  # every sampled token, each once
+        assert host["batch_build_calls"] == steps and host["schedule_calls"] >= steps
+        assert all(host[k] > 0 for k in ("schedule", "batch_build", "token_processing"))
+        g.run_level(engine, 1, 8, 2)  # unpatched again: nothing more is counted
+    assert host["token_processing_calls"] == 12
+    assert "processing the sampled tokens" in g._host_line(host) and "in 12 calls" in g._host_line(host)
