@@ -104,6 +104,7 @@ def phase_env(args) -> dict:
         info["commit"] = None
     # the device's copy of .git can be stale or missing: the caller names the commit it sent
     info["commit"] = os.environ.get("GPU_CLUSTER_COMMIT") or info["commit"]
+    info["tree"] = working_tree_hash(REPO)
     for mod in ("triton", "ray", "safetensors", "tokenizers", "grpc", "google.protobuf", "fastapi", "pydantic",
                 "prometheus_client", "llguidance", "aiohttp", "transformers", "jinja2"):
         try:
@@ -151,6 +152,23 @@ def phase_env(args) -> dict:
     info["gemm_TFLOPs"] = 2 * 8192**3 * 10 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
     info["lm_head"] = lm_head_check(args, dev, info["copy_TBps"])
     return info
+
+
+def working_tree_hash(repo: Path) -> str | None:
+    """Git's tree hash of the files as they are (tracked and untracked-not-ignored), through a scratch index: it
+    equals `git rev-parse COMMIT^{tree}` exactly when the run's files are that commit's, whatever HEAD the copy of
+    .git says (a stale one named the wrong commit on the GPU machines). None without git."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=str(Path(tmp, "index")))
+        try:
+            add = subprocess.run(["git", "add", "-A"], cwd=repo, env=env, capture_output=True, timeout=60)
+            tree = subprocess.run(["git", "write-tree"], cwd=repo, env=env, capture_output=True, text=True,
+                                  timeout=60)
+        except Exception:
+            return None
+    return tree.stdout.strip() or None if add.returncode == tree.returncode == 0 else None
 
 
 def lm_head_check(args, dev, copy_TBps: float, batch: int = 64, hidden: int = 6144) -> dict:
@@ -1216,7 +1234,8 @@ def report(args, phase_status: dict) -> dict:
     L.append(f"# GPU cluster benchmark: {card}, {date}\n")
     L.append(f"- card: **{env.get('card')}** x {env.get('cuda_devices')}, torch {env.get('torch')}, NCCL "
              f"{env.get('nccl')}, triton {env.get('ver_triton')}, ray {env.get('ver_ray')}")
-    L.append(f"- commit: `{env.get('commit')}` (plus the uncommitted working tree of the run)")
+    L.append(f"- commit: `{env.get('commit')}` (plus the uncommitted working tree of the run); the run's files: git "
+             f"tree `{env.get('tree')}` (equal to `git rev-parse <commit>^{{tree}}` when they are that commit's)")
     L.append(f"- command: `python3 bench/gpu_cluster.py {' '.join(args.argv)}`")
     if cfg is not None:
         L.append(f"- checkpoint: random weights, MiniMax-M1 per-layer dims (hidden {cfg.hidden_size}, "

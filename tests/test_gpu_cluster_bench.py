@@ -263,3 +263,28 @@ def test_host_timers_count_the_engine_threads_host_work_and_undo_themselves(tiny
         g.run_level(engine, 1, 8, 2)  # unpatched again: nothing more is counted
     assert host["token_processing_calls"] == 12
     assert "processing the sampled tokens" in g._host_line(host) and "in 12 calls" in g._host_line(host)
+
+
+def test_working_tree_hash_names_the_files_not_the_head(tmp_path):
+    """The env phase's `tree`: the commit's tree hash when the files are that commit's, another one as soon as a
+    tracked file changes or an untracked one appears, whatever HEAD says."""
+    g = _bench()
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("out/\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "r.json").write_text("{}")  # ignored: not part of the run's files
+    assert g.working_tree_hash(tmp_path) == git("rev-parse", "HEAD^{tree}")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    changed = g.working_tree_hash(tmp_path)
+    assert changed not in (None, git("rev-parse", "HEAD^{tree}"))
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("")
+    assert g.working_tree_hash(tmp_path) not in (None, changed, git("rev-parse", "HEAD^{tree}"))
+    assert git("status", "--porcelain") == "?? b.py"  # the real index is untouched
