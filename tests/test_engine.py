@@ -244,6 +244,30 @@ def test_abort_frees_everything_and_queue_limit(tiny_model):
             .num_output_tokens == 3
 
 
+def test_queue_limit_counts_requests_not_aborts(tiny_model):
+    """What max_queue_len counts: requests waiting or on their way to the engine thread. Aborts on their way (a
+    client that went away) are not requests: before, four of them in the inbox during a long step made the next
+    request a 429 (the reliability soak test's dropping client)."""
+    cfg = EngineConfig(model=str(tiny_model), max_num_seqs=2, max_queue_len=2)
+    e = Engine(cfg, start=False)  # no engine thread: everything stays in the inbox
+    try:
+        params = SamplingParams(max_tokens=4)
+        for i in range(5):
+            e.abort(f"gone-{i}")
+        streams = [e.submit([1, 2, 3], params) for _ in range(2)]
+        with pytest.raises(QueueFull, match="2 requests are queued"):
+            e.submit([1, 2, 3], params)
+        assert e._inbox.qsize() == 7 and len(streams) == 2
+    finally:
+        e.experts.close()
+    with Engine(cfg) as e:  # the engine thread takes them: the count goes back to zero
+        for i in range(5):
+            e.abort(f"gone-{i}")
+        out = [e.submit([1, 2, 3], params) for _ in range(2)]
+        assert all(s.result().num_output_tokens == 4 for s in out)
+        assert e._arriving == 0 and e.generate([1, 2], params).num_output_tokens == 4
+
+
 def test_request_waits_for_memory_instead_of_failing(tiny_model):
     """Two requests that cannot both fit run one after the other; one that can never fit is rejected. (The budget
     also holds the cache's scratch slot and KV block, which no request gets.)"""

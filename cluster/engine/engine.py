@@ -215,6 +215,10 @@ class Engine:
         self._last_collective = time.monotonic()
         self.stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
         self._inbox: queue.Queue = queue.Queue()
+        # requests put in the inbox and not yet taken by the engine thread: they count as queued (an abort or any
+        # other command in the inbox does not)
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._stopping = False
@@ -308,15 +312,25 @@ class Engine:
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                sink: Sink | None = None) -> RequestStream:
         seq, stream = self._sequence(prompt, params, request_id, sink)
-        self._inbox.put(("add", [seq]))
+        self._enqueue([seq])
         return stream
 
     def submit_together(self, prompts: list, params: SamplingParams) -> list[RequestStream]:
         """Requests that reach the scheduler at once, so that the next step sees all of them (the warm-up's
         batches; separate submits race with the engine thread's steps)."""
         made = [self._sequence(p, params, None, None) for p in prompts]
-        self._inbox.put(("add", [seq for seq, _ in made]))
+        self._enqueue([seq for seq, _ in made])
         return [stream for _, stream in made]
+
+    def _enqueue(self, seqs: list[Sequence]) -> None:
+        with self._arriving_lock:
+            self._arriving += len(seqs)
+        self._inbox.put(("add", seqs))
+
+    def _taken(self, seqs: list[Sequence]) -> None:
+        """The engine thread took these requests out of the inbox."""
+        with self._arriving_lock:
+            self._arriving -= len(seqs)
 
     def _sequence(self, prompt, params: SamplingParams | None, request_id: str | None,
                   sink: Sink | None) -> tuple[Sequence, RequestStream]:
@@ -328,7 +342,7 @@ class Engine:
             raise EngineUnavailable("the engine is shutting down")
         if self.error is not None:
             raise EngineUnavailable(f"expert shards are unavailable ({self.error}); the group is being re-formed")
-        queued = len(self.scheduler.waiting) + self._inbox.qsize()
+        queued = len(self.scheduler.waiting) + self._arriving
         if queued >= self.config.max_queue_len:
             raise QueueFull(f"{queued} requests are queued (max_queue_len={self.config.max_queue_len})")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -468,6 +482,7 @@ class Engine:
     def _apply(self, cmd) -> None:
         kind, arg = cmd
         if kind == "add":
+            self._taken(arg)
             for seq in arg:
                 if self.error is not None:
                     self._finish(seq, "error", f"expert shards are unavailable ({self.error})")
@@ -735,6 +750,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
+                self._taken(arg)
                 for seq in arg:
                     self._finish(seq, reason, message if reason == "error" else None)
 
