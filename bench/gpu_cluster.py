@@ -1207,6 +1207,15 @@ def fmt(v, nd=2):
     return str(v)
 
 
+def _kernel_table(header: str, summary: dict) -> list[str]:
+    """A profiled level's kernels (most time first), then its host timers if it has them."""
+    lines = [f"| {header} | ms | launches |", "|---|---:|---:|"]
+    lines += [f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |" for k in summary["top"]] + [""]
+    if summary.get("host_ms"):
+        lines.append(_host_line(summary["host_ms"]))
+    return lines
+
+
 def _host_line(host: dict) -> str:
     parts = [f"{name} {fmt(host[key], 1)} ms in {host[key + '_calls']} calls"
              for key, name in (("schedule", "scheduling"), ("batch_build", "building the batch"),
@@ -1434,26 +1443,14 @@ def report(args, phase_status: dict) -> dict:
                  f"compute (non-NCCL) kernel running {fmt(pk['compute_busy_ms'], 1)} ms "
                  f"({fmt(100 * pk['compute_busy_ms'] / pk['wall_ms'], 0)}% of wall); kernel time summed "
                  f"{fmt(pk['kernel_ms_sum'], 1)} ms. NCCL kernels' time includes waiting for the shards.\n")
-        L.append("| kernel | ms | launches |")
-        L.append("|---|---:|---:|")
-        for k in pk["top"]:
-            L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
-        L.append("")
-        if pk.get("host_ms"):
-            L.append(_host_line(pk["host_ms"]))
+        L += _kernel_table("kernel", pk)
         dk = pk.get("decode")
         if dk:
             L.append(f"Then a decode at that concurrency under torch.profiler with host activity (--trace: "
                      f"`trace-prefill.json.gz`, `trace-decode.json.gz` in the results folder): "
                      f"{dk['decode_steps']} decode steps at {fmt(dk['decode_ms_per_step_wall'])} ms/step wall; the "
                      f"whole level {fmt(dk['wall_ms'], 1)} ms, a kernel running {fmt(dk['busy_ms'], 1)} ms.\n")
-            L.append("| kernel (decode level) | ms | launches |")
-            L.append("|---|---:|---:|")
-            for k in dk["top"]:
-                L.append(f"| `{k['name']}` | {fmt(k['ms'], 1)} | {k['count']} |")
-            L.append("")
-            if dk.get("host_ms"):
-                L.append(_host_line(dk["host_ms"]))
+            L += _kernel_table("kernel (decode level)", dk)
     lc = data["longctx"]
     if lc and lc.get("rows"):
         L.append("## Long context (engine in-process, one sequence)\n")
