@@ -685,14 +685,8 @@ def _profiled_level(engine, args, name: str, concurrency: int, prompt_len: int, 
         row = run_level(engine, concurrency, prompt_len, max_tokens)
         wall = now() - t0
     if args.trace:
-        import gzip
-
-        raw = Path(args.work, f"trace-{name}.json")
-        prof.export_chrome_trace(str(raw))
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(raw, "rb") as src, gzip.open(Path(args.out, f"trace-{name}.json.gz"), "wb") as dst:
-            dst.write(src.read())
-        raw.unlink()
+        prof.export_chrome_trace(str(Path(args.out, f"trace-{name}.json.gz")))  # (.gz: the profiler gzips it)
     summary = _kernel_summary(prof, wall)
     if host:
         summary["host_ms"] = {k: v * 1e3 if not k.endswith("_calls") else v for k, v in host.items()}
