@@ -1267,12 +1267,13 @@ def report(args, phase_status: dict) -> dict:
                 if args.router_experts else ""))
     L.append("- phases: " + ", ".join(f"{k} {v}" for k, v in phase_status.items()) + "\n")
 
-    sv = (data["serve"] or {}).get("workload")
+    serve = data["serve"] or {}
+    sv = serve.get("workload")
     other = (data["ingress"] or {}).get("workload")  # the same workload through the other ingress
     if sv:
-        L.append(f"## Serve: `m1serve serve --ingress {(data['serve'] or {}).get('ingress')}` (Ray Serve, OpenAI HTTP "
+        L.append(f"## Serve: `m1serve serve --ingress {serve.get('ingress')}` (Ray Serve, OpenAI HTTP "
                  f"streaming)\n")
-        L.append(f"startup (ray.init + Serve + load + group) {fmt((data['serve'] or {}).get('startup_s'), 1)} s. "
+        L.append(f"startup (ray.init + Serve + load + group) {fmt(serve.get('startup_s'), 1)} s. "
                  f"Workload: {sv['concurrency']} concurrent streams, {sv['prompt_len']}-token prompts (random ids),"
                  f" {sv['max_tokens']} output tokens each (ignore_eos, greedy).\n")
         L.append("ITL: a chunk of n tokens arriving d after the previous one counts n gaps of d/n. Several SSE events "
@@ -1287,7 +1288,7 @@ def report(args, phase_status: dict) -> dict:
                  f"{fmt(t['p99'], 0)} | {fmt(i['mean'])} | {fmt(i['p50'])} / {fmt(i['p90'])} / {fmt(i['p99'])} |")
         if sv.get("errors"):
             L.append(f"\nerrors: {sv['errors']}")
-        runs = [sv] + ((data["serve"] or {}).get("client_runs") or [])
+        runs = [sv] + (serve.get("client_runs") or [])
         if len(runs) > 1:
             L.append("\nThe same workload (other random prompts) again right after, from several client processes, "
                      "then from one: `client CPU` = the busiest client process's CPU time over its span (near 100%: "
@@ -1301,7 +1302,7 @@ def report(args, phase_status: dict) -> dict:
                          f"{fmt(r['ttft_ms']['p50'], 0)} / {fmt(r['ttft_ms']['p90'], 0)} | "
                          f"{fmt(100 * r['client_cpu_busy'], 0)}% |")
         if other:
-            ingress = (data["serve"] or {}).get("ingress")
+            ingress = serve.get("ingress")
             L.append("\nThe first workload (same prompts, first after start-up) through each ingress: `haproxy` = "
                      "HAProxy straight to the router replica's own HTTP server, `proxy` = Ray Serve's Python proxy "
                      "actor in between (each on a server of its own; this table's first row is the one above).\n")
@@ -1325,20 +1326,20 @@ def report(args, phase_status: dict) -> dict:
                      f"{fmt(floor['wall_s'])} s, {fmt(floor['output_tok_s'], 0)} output tok/s: measured output tok/s "
                      f"is **{fmt(floor['output_tok_s'] / sv['output_tok_s'])}x below the floor's**, ITL mean "
                      f"{fmt(sv['itl_ms']['mean'] / floor['decode_step_ms'])}x the decode step floor.")
-        steps = (data["serve"] or {}).get("step_seconds")
+        steps = serve.get("step_seconds")
         if steps:
             L.append("\nEngine steps during the workload (the server's `m1serve_engine_step_seconds`): " + "; ".join(
                 f"{k} {v['steps']} steps, mean {fmt(v['mean_ms'])} ms, p50 <= {fmt(v['p50_ms_le'])} ms, p90 <= "
                 f"{fmt(v['p90_ms_le'])} ms" for k, v in steps.items()) +
                 ". `ahead` = decode steps launched before the previous one's tokens were read; the mean is Ray's "
                 "(bucket midpoints), the percentiles are bucket upper bounds.")
-        builds = (data["serve"] or {}).get("workload_kernel_builds")
+        builds = serve.get("workload_kernel_builds")
         if builds is not None:
             L.append(f"\nTriton kernel variants built during the workload (after the server's warm-up, which built "
-                     f"{(data['serve'] or {}).get('warmup_kernel_builds')} in all processes): **{len(builds)}**"
+                     f"{serve.get('warmup_kernel_builds')} in all processes): **{len(builds)}**"
                      + "".join(f"\n- `{b[:300]}`" for b in builds[:20]))
         L.append("")
-    singles = (data["serve"] or {}).get("single")
+    singles = serve.get("single")
     if singles:
         L.append("### Serve: one stream at a time, short and long prompts\n")
         L.append("Sent one after another after the workload, each alone on the server. ITL mean = the stream's "
@@ -1568,7 +1569,7 @@ def report(args, phase_status: dict) -> dict:
         if more:
             L.append(f"Through the other ingress ({data['ingress']['ingress']}): {fmt(more['served'], 1)} vs "
                      f"{fmt(more['hf'], 1)} output tok/s = **{fmt(more['ratio'], 1)}x**.")
-        for r in (data["serve"] or {}).get("client_runs") or []:
+        for r in serve.get("client_runs") or []:
             more = served_vs_hf(r, hf.get("rows") or [])
             if more and r["client_procs"] > 1:
                 L.append(f"From {r['client_procs']} client processes: {fmt(more['served'], 1)} vs "
